@@ -1,0 +1,764 @@
+"""
+GAT: "Scalable GANs with Transformers" (Hyun, Lee, Heo; arXiv 2509.24935), in one file.
+
+A GAN whose generator and discriminator are plain vision transformers, trained in the latent space of
+the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in the order data flows:
+
+  1. config            sizes (S/B/L/XL + tiny) and every training default, in one place
+  2. blocks            RMSNorm, equalized linear, 2D RoPE, attention with qk-norm, SwiGLU
+  3. generator         mapping network -> style w -> modulated ViT over fixed tokens -> K MNG heads
+  4. discriminator     the K levels on channels -> ViT with [cls] -> projection logit, REPA projector
+  5. MNG noise         multi-level noise-perturbed image guidance: one nested noise path over K levels
+  6. augmentation      DiffAugment on latents, shared by all levels and by the REPA teacher image
+  7. losses            relativistic pairing loss, approximated R1/R2, REPA
+  8. optimiser         width-aware AdamW, gradient clipping, EMA of G
+  9. data              memory-mapped latents from prep_latents.py, or the sklearn digits demo
+ 10. checkpoints       atomic writes, exact resume
+ 11. training loop     one D step then one G step per iteration; DDP via torchrun
+ 12. demo evaluation   class agreement, within-class spread and Frechet distances on the digits
+ 13. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
+
+Run:
+  python gat.py --data digits                            # CPU demo: tiny GAT on 8x8 digits, < 10 min
+  python test_gat.py                                     # the test suite
+  torchrun --nproc_per_node=8 gat.py --size XL           # the paper's recipe on data/imagenet256
+  python gat.py --bench --size S --batch-size 8          # speed: ms/it, images/s, MFU
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------
+# 1. Config. The model sizes are DiT's (paper, "Model configurations"); one table for G and D.
+# proj_dim is D's projection-conditioning width and the REPA projector's hidden width (2048 in the
+# paper); the tiny demo size uses 256 so that the 8x8-digit D is not dominated by its head.
+# ------------------------------------------------------------------------------------------------
+MODEL_SIZES = {
+    "tiny": dict(depth=4, width=64, heads=4, proj_dim=256),
+    "S": dict(depth=12, width=384, heads=6, proj_dim=2048),
+    "B": dict(depth=12, width=768, heads=12, proj_dim=2048),
+    "L": dict(depth=24, width=1024, heads=16, proj_dim=2048),
+    "XL": dict(depth=28, width=1152, heads=16, proj_dim=2048),
+}
+PATCH_SIZES = (1, 2, 4, 8)
+LATENT_SCALE = 0.18215  # SD-VAE: latent = 0.18215 * posterior sample, giving roughly unit variance
+REPA_TEACHER = "vit_base_patch14_dinov2.lvd142m"  # DINOv2 ViT-B/14, 768-dim tokens, 16x16 at 224 px
+
+
+@dataclass
+class Config:
+    # model
+    size: str = "XL"                    # one of MODEL_SIZES
+    patch: int = 2                      # patch size on the 32x32 latent: 2, 4 or 8
+    z_dim: int = 64                     # latent code z ~ N(0, I)
+    num_levels: int = 4                 # K MNG output heads; 1 = the no-MNG ablation (no noise either)
+    # data
+    data: str = "data/imagenet256"      # prep_latents.py output dir, or "digits" for the CPU demo
+    batch_size: int = 512               # global batch, split over the ranks
+    num_workers: int = 4                # DataLoader workers reading the memory-mapped arrays
+    # losses (paper: relativistic loss + approximated R1/R2 + REPA on D)
+    r1_gamma: float = 0.1               # weight gamma of R1 (reals); added as gamma / 2
+    r2_gamma: float = 0.1               # weight gamma of R2 (fakes); added as gamma / 2
+    gp_sigma: float = 0.01              # finite-difference step of the approximated penalties
+    exact_gp: bool = False              # ablation: exact R1/R2 by double backward instead
+    repa_weight: float = 1.0            # 0 = the no-REPA ablation (no teacher is loaded)
+    repa_teacher: str = REPA_TEACHER    # timm name of the frozen representation teacher
+    flip_prob: float = 0.4              # DiffAugment horizontal flip probability
+    # optimisation
+    base_lr: float = 2e-4               # width-aware: lr = base_lr * 768 / width, for G and D each
+    beta1: float = 0.0
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999            # EMA of G's weights, used for sampling
+    steps: int = 400_000                # iterations (one D step + one G step each)
+    # run
+    results: str = "results"            # runs live in results/<run>/
+    run: str = ""                       # run name; default from size, patch and data
+    resume: str = "auto"                # "auto" (the run's latest.pt if any), "none", or a path
+    seed: int = 0
+    log_every: int = 10                 # host syncs (loss.item, NaN check, stop signal) only here
+    sample_every: int = 1250            # fixed-noise EMA sample grid PNG
+    sample_truncation: float = 0.0      # truncation of the grid (0 = none; fraction toward class mean)
+    ckpt_every: int = 2000              # overwrite checkpoints/latest.pt (atomically)
+    snapshot_every: int = 20000         # keep checkpoints/<step>.pt
+    max_minutes: float = 0.0            # stop (with a checkpoint) after this wall time; 0 = no limit
+    fid_every: int = 0                  # FID-5K of EMA G against --fid-ref every N steps; 0 = off
+    fid_ref: str = ""                   # reference stats .npz (fid.py / prep_latents.py --ref-stats)
+    fid_num: int = 5000
+    # speed
+    device: str = ""                    # default: cuda if available, else cpu
+    precision: str = "auto"             # auto = bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+    compile: bool = False               # torch.compile G and D
+    grad_ckpt: bool = False             # recompute transformer blocks in backward (saves memory)
+    vae: str = ""                       # VAE for decoding sample grids; default: the one in manifest
+    # not CLI: what the data implies, filled in by the loop (and stored in checkpoints)
+    num_classes: int = 0
+    channels: int = 0
+    input_size: int = 0
+    data_kind: str = ""                 # "latent" or "pixel"
+
+
+# The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why.
+DIGITS_PRESET = dict(
+    size="tiny", patch=2,               # 8x8 pixels -> 4x4 = 16 tokens
+    batch_size=32, num_workers=0,       # small data in memory: no workers needed
+    repa_weight=0.0,                    # no representation teacher exists for 8x8 digits
+    flip_prob=0.0,                      # a mirrored 2 or 7 is no longer that digit
+    ema_decay=0.99,                     # a 0.999 EMA lags far behind in a run of ~2,000 iterations
+    steps=100_000, max_minutes=9.0,     # the wall clock decides: stop after 9 minutes
+    log_every=25, sample_every=250, ckpt_every=250, snapshot_every=0,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Building blocks shared by G and D.
+# ------------------------------------------------------------------------------------------------
+class EqualizedLinear(nn.Module):
+    """StyleGAN's equalized-learning-rate linear layer. The weight is stored 1/lr_mult times larger and
+    scaled by lr_mult in forward, so with Adam (which normalises gradient scale) the effective step on
+    the used weight is lr_mult times the optimiser's lr: the mapping network learns 100x slower."""
+
+    def __init__(self, fan_in, fan_out, lr_mult=0.01):
+        super().__init__()
+        self.lr_mult = lr_mult
+        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
+        self.bias = nn.Parameter(torch.zeros(fan_out))
+        nn.init.xavier_uniform_(self.weight, gain=1 / lr_mult)  # effective weight: plain xavier
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.lr_mult, self.bias * self.lr_mult)
+
+
+def normalize_2nd_moment(x, eps=1e-8):
+    return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
+
+
+def sincos_pos_embed(width, grid):
+    """Fixed 2D sin-cos table [grid*grid, width]: half the channels encode the row, half the column."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    out = []
+    for pos in (cols.flatten(), rows.flatten()):  # the authors' (MAE's) order: column half first
+        ang = pos[:, None].double() * omega[None]  # [T, width/4]
+        out += [ang.sin(), ang.cos()]
+    return torch.cat(out, dim=1).float()  # [T, width]
+
+
+def rope_2d(head_dim, grid, base=10000.0):
+    """2D rotary embedding tables (cos, sin), each [T, head_dim]: the first half of a head's dims
+    rotates with the token's row, the second half with its column, on interleaved pairs."""
+    half = head_dim // 2
+    freqs = 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.float32) / half)  # [half/2]
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang = [(p.flatten()[:, None] * freqs).repeat_interleave(2, dim=1) for p in (rows, cols)]
+    ang = torch.cat(ang, dim=1)  # [T, head_dim]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, H, T, hd]; rotates each pair (x[2i], x[2i+1]) by the token's angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # [B, H, T, hd]
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with per-head RMSNorm on q and k (qk-norm keeps the logits bounded,
+    which GAN training needs) and 2D RoPE, through fused scaled-dot-product attention."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, rope):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
+        q = apply_rope(self.q_norm(q), *rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k), *rope).to(v.dtype)
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, hd]
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    """FFN with a SiLU-gated linear unit; hidden int(2/3 * 4C) keeps the FLOPs of a 4C GELU MLP."""
+
+    def __init__(self, width):
+        super().__init__()
+        hidden = int(2 / 3 * 4 * width)
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+def xavier_init(module):
+    """DiT's rule: every Linear (and the patch conv, seen as a matrix) xavier-uniform, bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+
+def run_blocks(blocks, x, *args, grad_ckpt=False):
+    for block in blocks:
+        if grad_ckpt and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
+        else:
+            x = block(x, *args)
+        yield x
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Generator. G has no image input: every token starts as the fixed sin-cos position code, and all
+# variation enters through the style w = mapping([class vector, z]), which scales and gates each block
+# (RMSNorm "scale/gate" modulation, no shift). K output heads read the token stream after depth/K,
+# 2*depth/K, ... blocks; their outputs are accumulated, so level k = heads 1..k (MNG, coarse to fine).
+# ------------------------------------------------------------------------------------------------
+class GBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ffn = SwiGLU(width)
+        self.modulation = nn.Linear(width, 4 * width)  # SiLU(w) -> (s1, g1, s2, g2)
+
+    def forward(self, x, silu_w, rope):
+        s1, g1, s2, g2 = self.modulation(silu_w).unsqueeze(1).chunk(4, dim=-1)  # 4 x [B, 1, C]
+        x = x + g1 * self.attn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s1), rope)
+        x = x + g2 * self.ffn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s2))
+        return x
+
+
+class MNGHead(nn.Module):
+    """One of the K output heads: modulated RMSNorm, then a linear map of each token to a p x p patch."""
+
+    def __init__(self, width, patch, channels):
+        super().__init__()
+        self.modulation = nn.Linear(width, width)
+        self.linear = nn.Linear(width, patch * patch * channels)
+
+    def forward(self, x, silu_w):
+        s = self.modulation(silu_w).unsqueeze(1)  # [B, 1, C]
+        return self.linear(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s))
+
+
+def unpatchify(x, patch, channels):
+    B, T, _ = x.shape
+    g = math.isqrt(T)
+    x = x.view(B, g, g, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
+    return x.reshape(B, channels, g * patch, g * patch)
+
+
+class Generator(nn.Module):
+    def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, z_dim=64,
+                 num_levels=4, grad_ckpt=False):
+        super().__init__()
+        cfg = MODEL_SIZES[size]
+        C, depth, grid = cfg["width"], cfg["depth"], input_size // patch
+        if input_size % patch or depth % num_levels:
+            raise ValueError(f"input {input_size} must divide by patch {patch}, depth {depth} by K={num_levels}")
+        self.size, self.patch, self.channels, self.input_size = size, patch, channels, input_size
+        self.num_classes, self.z_dim, self.width, self.grad_ckpt = num_classes, z_dim, C, grad_ckpt
+        self.class_embed = nn.Embedding(num_classes, z_dim)
+        self.mapping = nn.Sequential(EqualizedLinear(2 * z_dim, C), nn.SiLU(), EqualizedLinear(C, C))
+        self.blocks = nn.ModuleList(GBlock(C, cfg["heads"]) for _ in range(depth))
+        self.heads = nn.ModuleList(MNGHead(C, patch, channels) for _ in range(num_levels))
+        self.head_after = [(k + 1) * (depth // num_levels) - 1 for k in range(num_levels)]  # block index
+        self.register_buffer("tokens", sincos_pos_embed(C, grid)[None], persistent=False)  # [1, T, C]
+        self.register_buffer("rope_cos", rope_2d(C // cfg["heads"], grid)[0], persistent=False)
+        self.register_buffer("rope_sin", rope_2d(C // cfg["heads"], grid)[1], persistent=False)
+        self.register_buffer("w_avg", torch.zeros(num_classes, C))  # per-class running mean of w
+        self.w_avg_beta = 0.995
+        xavier_init(self)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+        for m in [b.modulation for b in self.blocks] + [h.modulation for h in self.heads]:
+            nn.init.xavier_uniform_(m.weight, gain=0.1)  # start close to identity: (1 + s) ~ 1, g ~ 0
+
+    def style(self, z, y, truncation=0.0):
+        """w = mapping([class vector, z]), each part normalised to unit second moment. truncation moves
+        w that fraction toward its class's running mean: 0 = none, 1 = the class-mean image. (This is
+        the authors' convention; StyleGAN's psi is 1 - truncation.)"""
+        w = self.mapping(torch.cat([normalize_2nd_moment(self.class_embed(y)), normalize_2nd_moment(z)], 1))
+        return w.lerp(self.w_avg[y].to(w.dtype), truncation) if truncation else w
+
+    def forward(self, z, y, truncation=0.0):
+        """Returns (levels [K, B, channels, H, W] coarse to fine, w [B, C]); levels[-1] is the image."""
+        w = self.style(z, y, truncation)
+        silu_w = F.silu(w)  # shared by every modulation layer
+        x = self.tokens.expand(z.shape[0], -1, -1).to(w.dtype)  # [B, T, C]
+        levels, out = [], 0
+        for i, x in enumerate(run_blocks(self.blocks, x, silu_w, (self.rope_cos, self.rope_sin),
+                                         grad_ckpt=self.grad_ckpt)):
+            if i in self.head_after:
+                head = self.heads[self.head_after.index(i)]
+                out = out + unpatchify(head(x, silu_w), self.patch, self.channels)
+                levels.append(out)
+        return torch.stack(levels), w
+
+    @torch.no_grad()
+    def generate(self, z, y, truncation=0.0):
+        """Sampling: one network evaluation, the finest level only."""
+        return self(z, y, truncation)[0][-1]
+
+    @torch.no_grad()
+    def update_class_means(self, w, y):
+        """w_avg[c] <- lerp(mean of this batch's w of class c, w_avg[c], 0.995), for classes present.
+        Under DDP the sums are all-reduced so that every rank keeps the same means."""
+        sums = torch.zeros_like(self.w_avg).index_add_(0, y, w.float())
+        counts = torch.zeros(self.num_classes, device=w.device).index_add_(0, y, torch.ones_like(y, dtype=torch.float))
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        batch_mean = sums / counts.clamp(min=1)[:, None]
+        self.w_avg.copy_(torch.where(counts[:, None] > 0, batch_mean.lerp(self.w_avg, self.w_avg_beta), self.w_avg))
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Discriminator. One forward sees all K levels at once (concatenated on channels) and gives one
+# logit: a [cls] token, LayerScale pre-norm blocks, and projection conditioning (the [cls] feature
+# dotted with a mapped class vector). The REPA projector maps D's final tokens to the teacher's space.
+# ------------------------------------------------------------------------------------------------
+class DBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.ffn = SwiGLU(width)
+        self.ls1 = nn.Parameter(torch.full((width,), 0.1))  # LayerScale: residual branches start small
+        self.ls2 = nn.Parameter(torch.full((width,), 0.1))
+
+    def forward(self, x, rope):
+        x = x + self.ls1 * self.attn(self.norm1(x), rope)
+        return x + self.ls2 * self.ffn(self.norm2(x))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, num_levels=4,
+                 repa_dim=768, grad_ckpt=False):
+        super().__init__()
+        cfg = MODEL_SIZES[size]
+        C, P, grid = cfg["width"], cfg["proj_dim"], input_size // patch
+        self.size, self.patch, self.width, self.grad_ckpt = size, patch, C, grad_ckpt
+        self.patch_embed = nn.Conv2d(num_levels * channels, C, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, C) * 0.02)
+        self.blocks = nn.ModuleList(DBlock(C, cfg["heads"]) for _ in range(cfg["depth"]))
+        self.final_norm = nn.RMSNorm(C, eps=1e-6)
+        self.logit_proj = nn.Linear(C, P)
+        self.class_embed = nn.Embedding(num_classes, P)
+        self.class_mapping = nn.Sequential(EqualizedLinear(P, P), nn.SiLU(), EqualizedLinear(P, P))
+        self.repa_projector = nn.Sequential(nn.Linear(C, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(),
+                                            nn.Linear(P, repa_dim)) if repa_dim else None
+        self.register_buffer("pos", sincos_pos_embed(C, grid)[None], persistent=False)  # [1, T, C]
+        cos, sin = rope_2d(C // cfg["heads"], grid)
+        # the [cls] token is not rotated: identity rotation (cos 1, sin 0) in front of the spatial ones
+        self.register_buffer("rope_cos", F.pad(cos, (0, 0, 1, 0), value=1.0), persistent=False)
+        self.register_buffer("rope_sin", F.pad(sin, (0, 0, 1, 0), value=0.0), persistent=False)
+        xavier_init(self)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+
+    def forward(self, x, y, repa_rows=0):
+        """x: [B, K*channels, H, W], the K levels on channels. Returns (logits [B], REPA features of the
+        first repa_rows samples [repa_rows, 1+T, repa_dim] or None)."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, T, C]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, 1+T, C]
+        for x in run_blocks(self.blocks, x, (self.rope_cos, self.rope_sin), grad_ckpt=self.grad_ckpt):
+            pass
+        cls = self.logit_proj(self.final_norm(x[:, 0]))  # [B, P]
+        logits = (cls * self.class_mapping(self.class_embed(y))).sum(-1)  # projection discriminator
+        feats = self.repa_projector(x[:repa_rows]) if repa_rows else None
+        return logits, feats
+
+
+def levels_to_channels(levels):
+    """[K, B, C, H, W] -> [B, K*C, H, W]: D's input, coarse level first."""
+    K, B, C, H, W = levels.shape
+    return levels.transpose(0, 1).reshape(B, K * C, H, W)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Multi-level noise-perturbed image guidance (MNG). Level k of G (coarse to fine) is shown to D as
+# (1 - t_k) x_k + n_k with t = 1 - 0.125^(1 - k/(K-1)) + 0.01, i.e. [0.885, 0.76, 0.51, 0.01] for
+# K = 4: early heads are judged only on coarse structure, which guides G's early blocks directly. The
+# noises are nested (built from the finest level up) so that all K levels lie on one forward-noising
+# path: n_k = d n_(k+1) + sqrt(t_k^2 - (d t_(k+1))^2) eps_k, d = (1 - t_k)/(1 - t_(k+1)), std(n_k) = t_k.
+# ------------------------------------------------------------------------------------------------
+def mng_noise_levels(K, min_info=0.125):
+    if K < 2:
+        return []  # no MNG: a single level and no noise
+    return [1 - min_info ** (1 - k / (K - 1)) + 0.01 for k in range(K)]
+
+
+def mng_perturb(levels, eps):
+    """levels, eps: [K, B, C, H, W]; eps ~ N(0, I), passed in so that a penalty's nudged copy can reuse it."""
+    t = mng_noise_levels(levels.shape[0])
+    if not t:
+        return levels
+    out, n, t_prev = [None] * len(t), 0.0, 0.0
+    for k in reversed(range(len(t))):
+        d = (1 - t[k]) / (1 - t_prev)
+        n = d * n + math.sqrt(t[k] ** 2 - (d * t_prev) ** 2) * eps[k]
+        out[k] = (1 - t[k]) * levels[k] + n
+        t_prev = t[k]
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Augmentation: DiffAugment (color on half the batch, translation by up to 1/8, cutout of half
+# size, horizontal flip) on latents, always on. Parameters are drawn once per sample and shared by all
+# K levels and by a penalty's nudged copy, so D compares like with like. The REPA teacher's image gets
+# the same translation and flip, scaled to its own size (the same fraction of the image: the authors'
+# code divides where it should multiply and moves the teacher image by about one pixel).
+# ------------------------------------------------------------------------------------------------
+def sample_augment(B, size, device, flip_prob=0.4):
+    u = lambda: torch.rand(B, device=device)
+    shift = int(size * 0.125 + 0.5)
+    cut = int(size * 0.5 + 0.5)
+    return dict(
+        color=u() < 0.5, brightness=u() - 0.5, saturation=2 * u(), contrast=u() + 0.5,
+        tx=torch.randint(-shift, shift + 1, (B,), device=device) / size,  # fractions of the image
+        ty=torch.randint(-shift, shift + 1, (B,), device=device) / size,
+        cut_x=torch.randint(0, size + 1 - cut % 2, (B,), device=device) / size,
+        cut_y=torch.randint(0, size + 1 - cut % 2, (B,), device=device) / size,
+        flip=u() < flip_prob,
+    )
+
+
+def translate(x, tx, ty):
+    """x [..., B, C, H, W] shifted by (tx, ty) fractions of its size (rounded to pixels), zero fill."""
+    H, W = x.shape[-2:]
+    rows = torch.arange(H, device=x.device) + (tx * H).round().long()[:, None]  # [B, H] source rows
+    cols = torch.arange(W, device=x.device) + (ty * W).round().long()[:, None]  # [B, W] source cols
+    inside = ((rows >= 0) & (rows < H))[:, None, :, None] & ((cols >= 0) & (cols < W))[:, None, None, :]
+    x = x.gather(-2, rows.clamp(0, H - 1)[:, None, :, None].expand_as(x))
+    x = x.gather(-1, cols.clamp(0, W - 1)[:, None, None, :].expand_as(x))
+    return x * inside  # inside: [B, 1, H, W]
+
+
+def augment(x, p, teacher=False):
+    """x: [..., B, C, H, W] (leading level dim allowed). The teacher image gets translation and flip only."""
+    if not teacher:
+        c = p["color"][:, None, None, None]
+        y = x + p["brightness"][:, None, None, None]
+        m = y.mean(dim=-3, keepdim=True)
+        y = (y - m) * p["saturation"][:, None, None, None] + m
+        m = y.mean(dim=(-3, -2, -1), keepdim=True)
+        y = (y - m) * p["contrast"][:, None, None, None] + m
+        x = torch.where(c, y, x)
+    x = translate(x, p["tx"], p["ty"])
+    if not teacher:
+        H, W = x.shape[-2:]
+        cut = int(H * 0.5 + 0.5)
+        r0 = (p["cut_x"] * H).round().long()[:, None] - cut // 2  # [B, 1]
+        c0 = (p["cut_y"] * W).round().long()[:, None] - cut // 2
+        r, c = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        hole = ((r >= r0) & (r < r0 + cut))[:, :, None] & ((c >= c0) & (c < c0 + cut))[:, None, :]  # [B, H, W]
+        x = x * (~hole)[:, None]
+    return torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Losses (one screen). D step: relativistic loss + gamma/2 (R1 + R2) + REPA. G step: the
+# relativistic loss with the roles swapped. The approximated penalties replace ||grad_x D||^2 by the
+# finite difference ((D(x) - D(x + sigma eps)) / sigma)^2, whose expectation over eps is the same to
+# first order: no double backward, so the whole step can be compiled and uses fused attention.
+# ------------------------------------------------------------------------------------------------
+def relativistic_loss(logits_a, logits_b):
+    """The relativistic pairing loss for the player who wants a to score above b."""
+    return F.softplus(-(logits_a - logits_b)).mean()
+
+
+def approx_gradient_penalty(logits, logits_nudged, sigma):
+    return ((logits - logits_nudged) / sigma).square().mean()
+
+
+def exact_gradient_penalty(logits, inputs):
+    (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
+    return grad.square().flatten(1).sum(1).mean() if grad.dim() == 4 else grad.square().sum((0, 2, 3, 4)).mean()
+
+
+def repa_loss(d_feats, teacher_feats):
+    """REPA on D: (1 - cos) on the [cls] token and the mean (1 - cos) over the patch tokens.
+    Both [B, 1+T, dim]; returns (cls term, patch term), each 0 when aligned and 2 when opposite."""
+    cos = F.cosine_similarity(d_feats.float(), teacher_feats.float(), dim=-1)  # [B, 1+T]
+    return (1 - cos[:, 0]).mean(), (1 - cos[:, 1:]).mean()
+
+
+def build_repa_teacher(name=REPA_TEACHER, pretrained=True, **overrides):
+    """Frozen DINOv2 ViT-B/14 from timm at 224 px: [cls] + 16x16 patch tokens of 768 dims. Tests pass
+    pretrained=False (random weights, no download) and small overrides such as depth=1."""
+    import timm
+    model = timm.create_model(name, pretrained=pretrained, img_size=224, num_classes=0, **overrides)
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def teacher_features(teacher, images_u8, aug, grid):
+    """images_u8 [B, H, W, 3] -> teacher tokens [B, 1+grid*grid, dim], with the reals' translation/flip."""
+    x = images_u8.permute(0, 3, 1, 2).float() / 255  # [B, 3, H, W]
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device)[:, None, None]
+    x = F.interpolate((x - mean) / std, size=224, mode="bicubic")
+    x = augment(x, aug, teacher=True)
+    tokens = teacher.forward_features(x)  # [B, 1+256, dim]
+    cls, patches = tokens[:, :1], tokens[:, teacher.num_prefix_tokens:]
+    g = math.isqrt(patches.shape[1])
+    if g != grid:  # D has fewer tokens at patch 4 or 8: resize the teacher's token map to match
+        patches = patches.transpose(1, 2).reshape(-1, patches.shape[2], g, g)  # [B, dim, g, g]
+        patches = F.interpolate(patches.float(), size=grid, mode="bicubic").flatten(2).transpose(1, 2)
+    return torch.cat([cls, patches.to(cls.dtype)], dim=1)
+
+
+def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
+    """The D step's loss. One D forward over a 4B batch [real, real nudged, fake, fake nudged]: the
+    nudged copies are the approximated penalties' x + sigma*eps, under the same augmentation and the
+    same MNG noise as x. REPA features are read on the first B rows (the clean reals) only."""
+    K, B = fake_levels.shape[:2]
+    size = x_real.shape[-1]
+    aug_real = sample_augment(B, size, x_real.device, cfg.flip_prob)
+    aug_fake = sample_augment(B, size, x_real.device, cfg.flip_prob)
+    real_levels = x_real.expand(K, *x_real.shape)  # the same real at every level, its own noise draw
+    eps_real, eps_fake = torch.randn_like(real_levels), torch.randn_like(fake_levels)
+    see = lambda lv, aug, eps: levels_to_channels(mng_perturb(augment(lv, aug), eps))
+    repa_rows = B if teacher is not None else 0
+    logs = {}
+    if cfg.exact_gp:  # ablation: true R1/R2 by double backward (math attention kernel required)
+        x_real, fake_levels = x_real.detach().requires_grad_(), fake_levels.detach().requires_grad_()
+        real_levels = x_real.expand(K, *x_real.shape)
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            logits, feats = D(torch.cat([see(real_levels, aug_real, eps_real), see(fake_levels, aug_fake, eps_fake)]),
+                              y.repeat(2), repa_rows)
+            l_real, l_fake = logits.float().chunk(2)
+            r1, r2 = exact_gradient_penalty(l_real, x_real), exact_gradient_penalty(l_fake, fake_levels)
+    else:
+        nudged_real = (x_real + cfg.gp_sigma * torch.randn_like(x_real)).expand(K, *x_real.shape)
+        nudged_fake = fake_levels + cfg.gp_sigma * torch.randn_like(fake_levels)
+        d_in = torch.cat([see(real_levels, aug_real, eps_real), see(nudged_real, aug_real, eps_real),
+                          see(fake_levels, aug_fake, eps_fake), see(nudged_fake, aug_fake, eps_fake)])  # [4B, K*C, H, W]
+        logits, feats = D(d_in, y.repeat(4), repa_rows)
+        l_real, l_real_n, l_fake, l_fake_n = logits.float().chunk(4)
+        r1 = approx_gradient_penalty(l_real, l_real_n, cfg.gp_sigma)
+        r2 = approx_gradient_penalty(l_fake, l_fake_n, cfg.gp_sigma)
+    adv = relativistic_loss(l_real, l_fake)
+    loss = adv + cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2
+    logs.update(d_adv=adv, r1=r1, r2=r2, d_real=l_real.mean(), d_fake=l_fake.mean())
+    if teacher is not None:
+        target = teacher_features(teacher, images_u8, aug_real, math.isqrt(feats.shape[1] - 1))
+        repa_cls, repa_patch = repa_loss(feats, target)
+        loss = loss + cfg.repa_weight * (repa_cls + repa_patch)
+        logs.update(repa_cls=repa_cls, repa_patch=repa_patch)
+    return loss, logs
+
+
+def g_loss(D, fake_levels, x_real, y, cfg):
+    """The G step's loss: fresh augmentation and noise; D(real) without gradient (it is a constant
+    for G), D(fake) with gradient flowing back into G. D's weights are frozen by the caller."""
+    K, B = fake_levels.shape[:2]
+    size = x_real.shape[-1]
+    aug_real = sample_augment(B, size, x_real.device, cfg.flip_prob)
+    aug_fake = sample_augment(B, size, x_real.device, cfg.flip_prob)
+    real_levels = x_real.expand(K, *x_real.shape)
+    with torch.no_grad():
+        l_real = D(levels_to_channels(mng_perturb(augment(real_levels, aug_real), torch.randn_like(real_levels))), y)[0]
+    l_fake = D(levels_to_channels(mng_perturb(augment(fake_levels, aug_fake), torch.randn_like(fake_levels))), y)[0]
+    return relativistic_loss(l_fake.float(), l_real.float())
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Optimiser. Width-aware learning rate (paper): lr = base * C_base / C with C_base = 768, for G and
+# D separately, so that an update changes a layer's output by the same amount at every width. AdamW
+# with beta1 = 0 (no momentum, as GANs prefer), beta2 = 0.99, no weight decay; gradients clipped to 1.
+# ------------------------------------------------------------------------------------------------
+def width_aware_lr(width, base_lr=2e-4, base_width=768):
+    return base_lr * base_width / width
+
+
+def make_optimizer(model, cfg, device):
+    return torch.optim.AdamW(model.parameters(), lr=width_aware_lr(model.width, cfg.base_lr),
+                             betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=0.0,
+                             fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)  # the class means of w are copied, not averaged
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. Data. ImageNet: the directory written by prep_latents.py (manifest.json + memory-mapped .npy
+# arrays: float16 posterior moments, uint8 images for REPA, labels, a valid mask). Every step draws a
+# fresh posterior sample latent = 0.18215 (mean + std eps) on the device. The order is a seeded
+# permutation per epoch; the global batch at step s is perm[s*B:(s+1)*B] and rank r takes its slice,
+# so the data position is the step itself and a resume continues the exact sequence.
+# ------------------------------------------------------------------------------------------------
+class DataError(ValueError):
+    pass
+
+
+def load_latent_dataset(path):
+    """-> dict(moments, images, labels, index, num_classes, manifest); arrays memory-mapped."""
+    hint = (f"Prepare ImageNet latents with `python prep_latents.py --images /path/to/train --out {path}`"
+            " or run the CPU demo with `python gat.py --data digits`.")
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise DataError(f"no dataset at '{path}' (missing {manifest_path}). {hint}")
+    try:
+        with open(manifest_path) as f:
+            man = json.load(f)
+        if man.get("format") != "gat-latents-v1":
+            raise DataError(f"{manifest_path} has format {man.get('format')!r}, expected 'gat-latents-v1'. {hint}")
+        if not man.get("complete"):
+            raise DataError(f"'{path}' is incomplete (an interrupted prep_latents.py run): rerun the same "
+                            "prep_latents.py command, it resumes where it stopped.")
+        arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r")
+                  for k in ("moments", "images", "labels", "valid")}
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"malformed dataset at '{path}': {e}. {hint}") from e
+    n = man["count"]
+    shapes_ok = (arrays["moments"].shape[0] == n and arrays["moments"].shape[1] == 8 and arrays["images"].shape[0] == n
+                 and arrays["labels"].shape == (n,) and arrays["valid"].shape == (n,))
+    if not shapes_ok:
+        raise DataError(f"malformed dataset at '{path}': array shapes disagree with count {n}. {hint}")
+    index = np.flatnonzero(arrays["valid"])
+    if len(index) == 0:
+        raise DataError(f"'{path}' holds no valid images. {hint}")
+    return dict(arrays, index=index, num_classes=man["num_classes"], manifest=man)
+
+
+class LatentBatches(torch.utils.data.Dataset):
+    """Item i = global batch i's slice for this rank: (moments f16, images u8, labels), read from the
+    memory maps with one sorted fancy index per array (no per-file I/O), in DataLoader workers."""
+
+    def __init__(self, data, batch_size, rank, world, seed, start_step, num_steps):
+        self.data, self.b, self.rank, self.seed = data, batch_size // world, rank, seed
+        self.B, self.start, self.num_steps = batch_size, start_step, num_steps
+        self.per_epoch = len(data["index"]) // batch_size
+        if self.per_epoch == 0:
+            raise DataError(f"the batch size {batch_size} exceeds the dataset ({len(data['index'])} images)")
+
+    def __len__(self):
+        return self.num_steps - self.start
+
+    def __getitem__(self, i):
+        rows = batch_rows(len(self.data["index"]), self.B, self.b, self.rank, self.seed, self.start + i)
+        idx = np.sort(self.data["index"][rows])
+        return tuple(torch.from_numpy(np.ascontiguousarray(self.data[k][idx])) for k in ("moments", "images", "labels"))
+
+
+def batch_rows(n, B, b, rank, seed, step):
+    """Rows (into the valid index) of this rank's share of global batch `step`: a seeded permutation
+    per epoch, drop-last, rank r taking B/world consecutive entries of the global batch."""
+    per_epoch = n // B
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).numpy()
+    return perm[j * B + rank * b: j * B + (rank + 1) * b]
+
+
+def load_digits_dataset():
+    """The 1,797 8x8 digits that scikit-learn ships (offline), in [-1, 1], split 1,297 train / 500
+    held out with a fixed seed. The GAN trains on the first split only."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1  # [1797, 1, 8, 8], 0..16 -> -1..1
+    y = torch.tensor(d.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, held = perm[:1297], perm[1297:]
+    return dict(x=x[train], y=y[train], x_held=x[held], y_held=y[held], num_classes=10)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. Checkpoints: written to a temporary file, fsynced, then renamed over the old one, so a crash at
+# any moment leaves the previous checkpoint intact. They hold everything an exact resume needs.
+# ------------------------------------------------------------------------------------------------
+CKPT_FORMAT = "gat-ckpt-v1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"'{path}' is not a gat.py checkpoint (expected format '{CKPT_FORMAT}')")
+    return ckpt
+
+
+def check_compatible(ckpt_cfg, cfg, path):
+    keys = ("size", "patch", "num_levels", "z_dim", "num_classes", "channels", "input_size", "data_kind")
+    diff = {k: (ckpt_cfg.get(k), getattr(cfg, k)) for k in keys if ckpt_cfg.get(k) != getattr(cfg, k)}
+    if diff:
+        what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint '{path}' does not match this run ({what}). Use the same "
+                              "--size/--patch/--data, or another --run to start fresh.")
+
+
+def build_generator(cfg, grad_ckpt=False):
+    return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
+                     cfg.num_levels, grad_ckpt=grad_ckpt)
+
+
+def load_generator(path, ema=True, device="cpu"):
+    """For sample.py and friends: (G in eval mode, its Config) rebuilt from a checkpoint alone."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = Config(**ckpt["config"])
+        G = build_generator(cfg)
+        G.load_state_dict(ckpt["G_ema" if ema else "G"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint '{path}' does not hold a usable generator: {e}") from e
+    return G.to(device).eval().requires_grad_(False), cfg
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
