@@ -1,0 +1,395 @@
+"""
+Turn a folder of class subfolders of images (ImageNet's train/ layout) into the Stable Diffusion VAE
+posterior moments that gat.py trains on, plus the cropped images for the REPA teacher.
+
+    torchrun --nproc_per_node=8 prep_latents.py --images /path/imagenet/train --out data/imagenet256
+    python prep_latents.py --images /path/imagenet/train            # one GPU, or the CPU
+
+Every image gets a slot (sorted class folders, then sorted file names), is center-cropped the ADM way
+and encoded by diffusers' AutoencoderKL; the results go into memory-mapped .npy arrays in --out with a
+manifest.json (format "gat-latents-v1", see README). Slots are cut into shards dealt out to the ranks;
+a shard is marked done in OUT/progress/ only after its data is on disk, so rerunning the same command
+after an interruption redoes at most the unfinished shards. A file that fails to decode keeps its slot
+(and label) but is marked invalid and listed in skipped.jsonl. manifest.json says "complete": true only
+after a final pass has checked that every slot was written.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from diffusers import AutoencoderKL
+from numpy.lib.format import open_memmap
+from PIL import Image
+from tqdm import tqdm
+
+FORMAT = "gat-latents-v1"
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+HOLDS = {
+    "moments": "VAE posterior per slot, unscaled: channels 0-3 mean, 4-7 std; zeros where not valid",
+    "images": "ADM center-cropped RGB image, NHWC uint8 (the REPA teacher's input); zeros where not valid",
+    "labels": "class index into class_names (sorted folder names), set for every slot",
+    "valid": "True where the slot holds an encoded image, False for a file that failed to decode",
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--out", default="data/imagenet256", help="output folder (resumed if it exists)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                   help="Hugging Face id (stabilityai/sd-vae-ft-ema or stabilityai/sd-vae-ft-mse) or a local "
+                        "diffusers folder saved with save_pretrained")
+    p.add_argument("--resolution", type=int, default=256, help="side of the center crop")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per rank")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes per rank (default: this machine's cores / ranks on it)")
+    p.add_argument("--shard-size", type=int, default=1024, help="slots per shard, the unit of resuming")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="encoder autocast precision (default: fp16 on cuda, fp32 on cpu)")
+    p.add_argument("--ref-stats", default=None,
+                   help="also write the Inception statistics of the valid images to this .npz, for fid.py")
+    p.add_argument("--inception", default=None, help="local Inception weights for --ref-stats (see fid.py)")
+    args = p.parse_args(argv)
+    if args.precision is None:
+        args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
+    if args.workers is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.workers = max(1, len(os.sched_getaffinity(0)) // local_world)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# what the slots are
+
+def scan(root):
+    """Sorted class folders and, in slot order, their image files; everything else comes back as ignored."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"--images {root!r} is not a folder: pass the folder whose subfolders are the classes "
+                         f"(for ImageNet, the train/ folder)")
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    # A hidden folder (.ipynb_checkpoints, .cache) would otherwise become a class and shift every later label.
+    classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    ignored = [e.name for e in entries if not (e.is_dir() and not e.name.startswith("."))]
+    if not classes:
+        raise SystemExit(f"--images {root!r} has no class subfolders: expected one folder per class with its "
+                         f"images inside (ImageNet's train/n01440764/*.JPEG layout)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = []
+        for dirpath, _, names in os.walk(os.path.join(root, name), followlinks=True):
+            found += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
+        for rel in sorted(found):
+            if os.path.splitext(rel)[1].lower() in IMAGE_EXTS:
+                files.append(rel)
+                labels.append(label)
+            else:
+                ignored.append(rel)
+    if not files:
+        raise SystemExit(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
+    return classes, files, labels, ignored
+
+
+def center_crop(img, size):
+    """ADM's center crop (guided-diffusion's center_crop_arr), the field's ImageNet preprocessing."""
+    # Halving with BOX first keeps the final BICUBIC step under 2x, where it does not alias.
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.array(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def load_image(path, size):
+    with Image.open(path) as img:
+        img.load()  # decode everything now, so that a truncated file fails here
+        # Grayscale, CMYK, palette and RGBA all become plain RGB (alpha is dropped, as ADM does).
+        return center_crop(img.convert("RGB"), size)
+
+
+class Slots(torch.utils.data.Dataset):
+    def __init__(self, root, files, size):
+        self.root, self.files, self.size = root, files, size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, slot):
+        try:
+            return slot, load_image(os.path.join(self.root, self.files[slot]), self.size), ""
+        except Exception as e:  # whatever a bad file raises, the run goes on and the slot stays put
+            return slot, np.zeros((self.size, self.size, 3), np.uint8), f"{type(e).__name__}: {e}"
+
+
+# -----------------------------------------------------------------------------
+# the output folder
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def settings(args, vae):
+    """What the contents depend on; a resumed run must match them exactly."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if args.resolution % factor:
+        raise SystemExit(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    side = args.resolution // factor
+    return {"resolution": args.resolution, "latent_shape": [vae.config.latent_channels, side, side],
+            "vae": args.vae, "latent_scale": vae.config.scaling_factor, "shard_size": args.shard_size,
+            "precision": args.precision}
+
+
+def prepare(args, vae, classes, files, labels):
+    """Rank 0: create the output folder, or check that the one there belongs to this same job."""
+    out, want = args.out, settings(args, vae)
+    path = os.path.join(out, "manifest.json")
+    if os.path.exists(path):
+        manifest = read_json(path)
+        have = {k: manifest.get(k) for k in want}
+        if manifest.get("format") != FORMAT or have != want:
+            raise SystemExit(f"{out} holds a run with other settings ({have}, this run: {want}): "
+                             f"pass the same arguments to resume it, or another --out")
+        with open(os.path.join(out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
+            old = f.read().splitlines()
+        if old != files or manifest["class_names"] != classes:
+            raise SystemExit(f"the images under {args.images} changed since {out} was started ({len(old)} files "
+                             f"then, {len(files)} now): pass another --out, or delete {out} to start over")
+        return manifest
+    os.makedirs(os.path.join(out, "progress"), exist_ok=True)
+    for name in os.listdir(os.path.join(out, "progress")):  # left by a start that died before its manifest
+        os.remove(os.path.join(out, "progress", name))
+    n, (c, h, w), r = len(files), want["latent_shape"], args.resolution
+    # float16 moments: its rounding error (2^-11 relative, ~0.003 on latents whose spread is ~5.5 = 1/0.18215)
+    # is far below what the generator can resolve, its range (65504) holds SD-VAE moments with room to spare,
+    # and it halves the ImageNet file (21 GB instead of 42 GB).
+    arrays = {"moments": ("float16", [n, 2 * c, h, w]), "images": ("uint8", [n, r, r, 3]),
+              "labels": ("int64", [n]), "valid": ("bool", [n])}
+    for name, (dtype, shape) in arrays.items():
+        open_memmap(os.path.join(out, name + ".npy"), mode="w+", dtype=dtype, shape=tuple(shape))  # zero-filled
+    open_memmap(os.path.join(out, "labels.npy"), mode="r+")[:] = labels
+    with open(os.path.join(out, "files.txt"), "w", encoding="utf-8", errors="surrogateescape") as f:
+        f.write("".join(rel + "\n" for rel in files))
+    manifest = {"format": FORMAT, "count": n, "num_valid": None, **want, "num_classes": len(classes),
+                "class_names": classes, "complete": False,
+                "arrays": {name: {"file": name + ".npy", "dtype": dtype, "shape": shape, "holds": HOLDS[name]}
+                           for name, (dtype, shape) in arrays.items()},
+                "files": "files.txt", "skipped": "skipped.jsonl", "source": os.path.abspath(args.images),
+                "num_shards": math.ceil(n / args.shard_size),
+                "created": datetime.datetime.now().isoformat(timespec="seconds")}
+    write_json(path, manifest)  # last: a folder without a manifest is simply started again
+    return manifest
+
+
+def marker(out, shard):
+    return os.path.join(out, "progress", f"{shard:06d}.json")
+
+
+def finish(out, manifest, ignored):
+    """Rank 0, after all ranks are done: check every slot, write skipped.jsonl, mark the manifest complete."""
+    missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(marker(out, s))]
+    if missing:
+        raise SystemExit(f"{len(missing)} of {manifest['num_shards']} shards are unfinished (first: {missing[0]}): "
+                         f"run the same command again to finish them")
+    shards = [read_json(marker(out, s)) for s in range(manifest["num_shards"])]
+    n = manifest["count"]
+    covered = sum(m["end"] - m["start"] for m in shards)
+    valid = np.load(os.path.join(out, "valid.npy"), mmap_mode="r")
+    moments = np.load(os.path.join(out, "moments.npy"), mmap_mode="r")
+    skipped = [e for m in shards for e in m["skipped"]]
+    c = manifest["latent_shape"][0]
+    # A slot is written whole, and an encoded std is exp(>= -15) > 0, so one std value per slot tells
+    # whether its write reached the file.
+    unwritten = np.flatnonzero(np.asarray(valid) & ~(moments[:, c, 0, 0] > 0))
+    if covered != n or len(valid) != n or sorted(e["slot"] for e in skipped) != np.flatnonzero(~valid).tolist():
+        raise SystemExit(f"{out} is inconsistent (shards cover {covered} of {n} slots, or skipped.jsonl disagrees "
+                         f"with valid.npy): delete {out} and start over")
+    if len(unwritten):
+        for s in sorted({int(i) // manifest["shard_size"] for i in unwritten}):
+            os.remove(marker(out, s))
+        raise SystemExit(f"{len(unwritten)} valid slots were never written (first: {unwritten[0]}); their shards "
+                         f"are unmarked now: run the same command again to redo them")
+    with open(os.path.join(out, "skipped.jsonl"), "w") as f:
+        for e in skipped + [{"slot": None, "file": rel, "reason": "not an image file: ignored"} for rel in ignored]:
+            f.write(json.dumps(e) + "\n")
+    manifest.update(num_valid=n - len(skipped), complete=True)
+    write_json(os.path.join(out, "manifest.json"), manifest)
+    print(f"{out}: {n} slots verified, {n - len(skipped)} valid, {len(skipped)} skipped and {len(ignored)} "
+          f"non-image files ignored (see skipped.jsonl)")
+
+
+# -----------------------------------------------------------------------------
+# encoding
+
+def load_vae(name, device):
+    try:
+        vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)  # (without the `accelerate` nag)
+    except Exception as e:  # OSError when offline or missing, ValueError for a malformed id
+        raise SystemExit(f"could not load the VAE {name!r} ({type(e).__name__}: {e})\nOn a machine without "
+                         f"internet, save it elsewhere with AutoencoderKL.from_pretrained('{name}')"
+                         f".save_pretrained(DIR), copy DIR over and pass --vae DIR")
+    # Images arrive NHWC, which viewed as NCHW is channels_last, the layout GPU tensor cores convolve fastest
+    # (on the CPU it measured about even).
+    return vae.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+@torch.inference_mode()
+def encode(vae, images, precision):
+    """uint8 [B, R, R, 3] -> float16 posterior moments [B, 2C, R/8, R/8] (mean, then std)."""
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # [B, 3, R, R] in [-1, 1], as the VAE was trained
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    with torch.autocast(x.device.type, dtype=dtype, enabled=precision != "fp32"):
+        h = vae.encode(x).latent_dist.parameters.float()  # [B, 2C, R/8, R/8]: mean, logvar
+    if not torch.isfinite(h).all():  # fp16 overflowed somewhere in the encoder: this batch in float32
+        h = vae.encode(x).latent_dist.parameters.float()
+    mean, logvar = h.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
+    return torch.cat([mean, std], dim=1).half()
+
+
+def encode_shards(args, vae, files, todo, rank, world, device):
+    out, size, n = args.out, args.shard_size, len(files)
+    spans = {s: (s * size, min(n, (s + 1) * size)) for s in todo}
+    # Batches never straddle shards, so a shard is finished the moment its last batch is written, and a
+    # resumed run forms exactly the same batches as an uninterrupted one.
+    batches = [list(range(i, min(i + args.batch_size, b))) for a, b in spans.values()
+               for i in range(a, b, args.batch_size)]
+    loader = torch.utils.data.DataLoader(Slots(args.images, files, args.resolution), batch_sampler=batches,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         prefetch_factor=4 if args.workers else None)
+    arrays = {name: open_memmap(os.path.join(out, name + ".npy"), mode="r+") for name in ("moments", "images", "valid")}
+    left = {s: b - a for s, (a, b) in spans.items()}
+    skipped = {s: [] for s in todo}
+    total = sum(left.values())
+    bar = tqdm(total=total, unit="img", disable=rank != 0, smoothing=0.1,
+               desc=f"rank 0 of {world}" if world > 1 else "encoding")
+    for slots, images, reasons in loader:
+        a, b = int(slots[0]), int(slots[-1]) + 1
+        ok = torch.tensor([not r for r in reasons])
+        moments = encode(vae, images.to(device, non_blocking=True), args.precision).cpu()
+        moments = moments * ok.view(-1, 1, 1, 1)  # a skipped slot holds zeros, not its placeholder's encoding
+        arrays["moments"][a:b] = moments.numpy()
+        arrays["images"][a:b] = images.numpy()
+        arrays["valid"][a:b] = ok.numpy()
+        s = a // size
+        for slot, reason in zip(slots.tolist(), reasons):
+            if reason:
+                skipped[s].append({"slot": slot, "file": files[slot], "reason": reason})
+                tqdm.write(f"skipped {files[slot]}: {reason}")
+        left[s] -= b - a
+        if left[s] == 0:
+            for arr in arrays.values():
+                arr.flush()  # the data reaches the file before the marker that vouches for it
+            write_json(marker(out, s), {"shard": s, "start": spans[s][0], "end": spans[s][1], "rank": rank,
+                                        "skipped": skipped.pop(s)})
+        bar.update(b - a)
+    bar.close()
+    return total
+
+
+# -----------------------------------------------------------------------------
+# Inception reference statistics for fid.py
+
+def ref_stats(args, rank, world, device):
+    import fid  # only this optional step needs it (and the Inception weights)
+
+    model = fid.load_inception(args.inception, device)
+    images = np.load(os.path.join(args.out, "images.npy"), mmap_mode="r")
+    mine = np.array_split(np.flatnonzero(np.load(os.path.join(args.out, "valid.npy"))), world)[rank]
+    # Running sums of x and x x^T (float64) rather than the features themselves: ImageNet's features would
+    # take 21 GB, the sums are a vector and a matrix per kind, which all_reduce adds up across ranks.
+    sums = {k: (torch.zeros(d, dtype=torch.float64, device=device), torch.zeros(d, d, dtype=torch.float64, device=device))
+            for k, d in (("pool", 2048), ("spatial", 2023))}
+    for i in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="inception features"):
+        with torch.no_grad():
+            feats = model(torch.from_numpy(images[mine[i:i + args.batch_size]]).to(device))
+        for k, (s1, s2) in sums.items():
+            f = feats[k].double()  # [B, D]
+            s1 += f.sum(0)
+            s2 += f.T @ f
+    n = torch.tensor(float(len(mine)), dtype=torch.float64, device=device)
+    if world > 1:
+        for t in (n, *(s for pair in sums.values() for s in pair)):
+            dist.all_reduce(t)
+    if rank == 0:
+        stats = {}
+        for (s1, s2), suffix in zip(sums.values(), ("", "_s")):  # ADM's key names: mu, sigma, mu_s, sigma_s
+            mu = s1 / n
+            stats["mu" + suffix] = mu.cpu().numpy()
+            stats["sigma" + suffix] = ((s2 - n * torch.outer(mu, mu)) / (n - 1)).cpu().numpy()  # np.cov's n - 1
+        fid.save_stats(args.ref_stats, stats)
+        print(f"wrote the Inception statistics of {int(n)} images to {args.ref_stats}")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.device == "cuda":
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+    else:
+        rank, world = 0, 1
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape
+    barrier = dist.barrier if distributed else (lambda: None)
+
+    # Rank 0 scans, loads the VAE first (one download into the Hugging Face cache, not eight racing ones) and
+    # sets up the folder; the others then read the slot list it wrote.
+    if rank == 0:
+        classes, files, labels, ignored = scan(args.images)
+        vae = load_vae(args.vae, device)
+        prepare(args, vae, classes, files, labels)
+    barrier()
+    if rank != 0:
+        vae = load_vae(args.vae, device)
+    manifest = read_json(os.path.join(args.out, "manifest.json"))
+    with open(os.path.join(args.out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
+        files = f.read().splitlines()
+    done = {s for s in range(manifest["num_shards"]) if os.path.exists(marker(args.out, s))}
+    barrier()  # everyone has seen the same finished shards before anyone adds to them
+    todo = [s for s in range(manifest["num_shards"]) if s not in done][rank::world]
+    if rank == 0:
+        print(f"{len(files)} images in {manifest['num_classes']} classes -> {args.out}: {manifest['num_shards']} "
+              f"shards, {len(done)} already done, {world} rank(s) on {device.type}, {args.precision}, "
+              f"{args.workers} loader workers per rank")
+
+    t0 = time.time()
+    count = torch.tensor(encode_shards(args, vae, files, todo, rank, world, device), device=device)
+    barrier()
+    if distributed:
+        dist.all_reduce(count)
+    seconds = time.time() - t0
+    if rank == 0:
+        print(f"encoded {int(count)} images in {seconds:.1f}s: {int(count) / seconds:.1f} images/s")
+        finish(args.out, manifest, ignored)
+    barrier()
+    if args.ref_stats:
+        ref_stats(args, rank, world, device)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
