@@ -225,7 +225,7 @@ def spatial_features(x):
 # Input: uint8 NHWC -> float NCHW 299x299 in [-1, 1), exactly as the TF graph fed at ExpandDims:0 does.
 
 def check_images(shape, dtype, what="images"):
-    if str(dtype) not in ("uint8", "torch.uint8"):
+    if (dtype != torch.uint8) if isinstance(dtype, torch.dtype) else (np.dtype(dtype) != np.uint8):
         raise ValueError(f"{what}: expected uint8 pixels in [0, 255], got {dtype}. Quantise first, e.g. "
                          "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for x in [-1, 1].")
     if len(shape) != 4 or shape[-1] != 3:
@@ -270,6 +270,7 @@ def load_inception(path=None, device="cpu"):
     if path is None:
         path = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_URL.rsplit("/", 1)[1]
         if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 torch.hub.download_url_to_file(WEIGHTS_URL, str(path))
             except Exception as e:
@@ -531,6 +532,9 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000, device="cpu"):
     ref, samples = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (ref_feats, sample_feats))
     if ref.shape[1] != samples.shape[1]:
         raise ValueError(f"feature dims do not match: {ref.shape[1]} vs {samples.shape[1]}")
+    if min(len(ref), len(samples)) < k + 1:
+        raise ValueError(f"precision/recall needs at least k + 1 = {k + 1} images on each side, "
+                         f"got {len(ref)} reference and {len(samples)} samples")
     ref_radii, sample_radii = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
     return _fraction_inside(samples, ref, ref_radii, block), _fraction_inside(ref, samples, sample_radii, block)
 
@@ -540,6 +544,7 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000, device="cpu"):
 
 def open_source(path):
     """-> (images or None, stats or None) for an .npz (arr_0 and/or mu/sigma) or an image folder."""
+    path = str(path)
     if os.path.isdir(path):
         return ImageFolder(path), None
     if not os.path.isfile(path) or not path.endswith(".npz"):
