@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import struct
+import warnings
 import zipfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -319,7 +320,6 @@ _FH_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_m
 def _state_dict_from_fid_helper(path):
     """Map fid-helper's TorchScript (NVIDIA's port of the same TF graph, names like
     net.layers.mixed_6.tower.conv_1.var) onto our names. TF's batch norm has no scale: bn.weight = 1."""
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated but still the reader
         src = torch.jit.load(str(path), map_location="cpu").state_dict()

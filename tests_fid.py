@@ -1,4 +1,3 @@
-import functools
 import importlib.util
 import json
 import os
@@ -25,7 +24,6 @@ def _fid_helper_file():
     return Path(spec.submodule_search_locations[0]) / "default_1.pt"
 
 
-@functools.lru_cache(maxsize=1)
 def _fid_models():
     """(our module with fid-helper weights, fid-helper's own TorchScript network)."""
     with warnings.catch_warnings():
@@ -315,33 +313,36 @@ def test_fid_cli_stats_only(tmp_path, monkeypatch, capsys):
 
 
 def test_fid_cli_images_with_reference_batch(tmp_path, monkeypatch, capsys):
-    # samples and reference share 4 images; their stored stats give FID, the images give P/R
+    # samples and reference share 4 images; their stored stats give FID, the images give IS and P/R
     images = _fid_images(4, seed=7)
     rng = np.random.default_rng(7)
-    stats = {"mu": rng.normal(size=2048), "sigma": np.eye(2048), "mu_s": np.zeros(2023), "sigma_s": np.eye(2023)}
+    stats = {"mu": rng.normal(size=16), "sigma": np.eye(16), "mu_s": np.zeros(8), "sigma_s": np.eye(8)}
     np.savez(tmp_path / "samples.npz", arr_0=images, mu=stats["mu"], sigma=stats["sigma"])
     np.savez(tmp_path / "ref.npz", arr_0=images, **{**stats, "mu": stats["mu"] + 1})
-    model, _ = _fid_models()
     loads = []
-    monkeypatch.setattr(fid, "load_inception", lambda path, device: loads.append((path, device)) or model)
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: loads.append((path, device)) or _FidMeanModel())
     result, lines = _fid_run_cli(monkeypatch, capsys, tmp_path / "samples.npz", tmp_path / "ref.npz",
                                  "--inception", "weights.pth", "--batch-size", 3, "--device", "cpu")
     assert loads == [("weights.pth", "cpu")]  # loaded once, for both sides
-    assert result["fid"] == pytest.approx(2048.0)
+    assert result["fid"] == pytest.approx(16.0)
+    logits = _FidMeanModel()(torch.from_numpy(images))["logits"].detach()
+    assert result["inception_score"] == pytest.approx(fid.inception_score(logits), rel=1e-6)
     assert (result["precision"], result["recall"]) == (1.0, 1.0)
     assert result["n_samples"] == 4 and "sfid" not in result  # samples carry no mu_s
     assert any("not comparable with FID-50K" in line for line in lines)
 
 
 class _FidMeanModel(nn.Module):
-    """Stand-in for the Inception: per-image channel means, for testing the plumbing."""
+    """Stand-in for the Inception (the real one is covered by the parity test): per-image channel means
+    as "pool" and logits made from them, to test the plumbing quickly."""
 
     def __init__(self):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, images):
-        return {"pool": images.float().mean((1, 2)) + self.dummy}
+        pool = images.float().mean((1, 2)) + self.dummy  # [N,3]
+        return {"pool": pool, "logits": pool / 10}
 
 
 def _fid_dist_worker(rank, init_file, images, results):
