@@ -1,0 +1,299 @@
+"""
+Sampling from a GAT checkpoint: images for FID, class grids and interpolations. One network evaluation
+per image (plus the VAE decoder for latent checkpoints), so 50,000 samples take minutes.
+
+  torchrun --nproc_per_node=8 sample.py --ckpt results/RUN/checkpoints/latest.pt --num-images 50000 --out samples/
+      -> samples/images/000000.png ... and samples/samples_50000x256x256x3.npz (ADM sample batch:
+         arr_0 uint8 N x H x W x 3, arr_1 the class labels), ready for `python fid.py samples/....npz REF`
+  python sample.py --ckpt CKPT --grid --classes 207,360,387,974 --cols 8 --truncation 0 0.3 0.6
+  python sample.py --ckpt CKPT --interpolate 0 1 --classes 207 --frames 10        # between two z
+  python sample.py --ckpt CKPT --interpolate 0 0 --classes 207,360                 # between two classes
+  python sample.py --ckpt results/GAT-tiny-2-digits/checkpoints/latest.pt --num-images 1000   # the digits demo
+
+Everything is rebuilt from the checkpoint (size, patch, classes, pixel or latent data, VAE name).
+Image i is a function of (--seed, i) alone: its z and its random class come from a generator seeded
+with both, so the output does not depend on the number of processes, and batches are fixed chunks of
+global indices, so each image also goes through the same batch whatever the number of processes.
+Truncation (the authors' convention): w moves that fraction toward its class's running mean of w;
+0 = none, 1 = every z gives the class-mean image. StyleGAN's psi is 1 - truncation.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+import zipfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import gat
+
+TRUNCATION_HELP = (
+    "fraction by which w moves toward its class's mean w: 0 = none, 1 = the class-mean image (the authors' "
+    "convention; StyleGAN's psi = 1 - this). Several values for --grid. FIDs are comparable only at equal "
+    "truncation: the authors' generate.py defaults to 0.3, their in-training FID uses 0 (see README)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="GAT sampling: FID samples (.png + ADM .npz), class grids, interpolations",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a gat.py checkpoint, e.g. results/RUN/checkpoints/latest.pt")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--num-images", "--num", type=int, default=50_000,
+                   help="number of images (default mode). Under torchrun write --num-images: torchrun takes a "
+                        "bare --num for an abbreviation of its own --numa-binding")
+    p.add_argument("--classes", default=None,
+                   help="'random' (uniform; default for --num-images), 'balanced' (image i gets class i mod classes) or a "
+                        "list '207,360' (cycled over images; grid rows; the 1 or 2 classes of --interpolate). "
+                        "--grid defaults to the first 10 classes, --interpolate to class 0")
+    p.add_argument("--truncation", type=float, nargs="+", default=[0.0], help=TRUNCATION_HELP)
+    p.add_argument("--seed", type=int, default=0, help="image i uses z (and random class) from (seed, i)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per G call and per VAE decode, per process")
+    p.add_argument("--raw", action="store_true", help="sample the raw generator instead of its EMA")
+    p.add_argument("--vae", default="", help="AutoencoderKL folder or hub name; default: the one in the checkpoint")
+    p.add_argument("--no-png", action="store_true", help="write only the .npz, no PNG files")
+    p.add_argument("--grid", action="store_true", help="one PNG: rows = classes, columns = seeds, per truncation")
+    p.add_argument("--cols", type=int, default=8, help="--grid: columns; column j uses the z of image j")
+    p.add_argument("--interpolate", type=int, nargs=2, metavar=("I", "J"),
+                   help="frames from the z of image I to the z of image J (linear in w)")
+    p.add_argument("--frames", type=int, default=8, help="--interpolate: number of frames")
+    p.add_argument("--device", default="", help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+    if args.grid and args.interpolate:
+        p.error("--grid and --interpolate are separate modes: give one of them")
+    if any(not 0 <= t <= 1 for t in args.truncation):
+        p.error("--truncation values must lie in [0, 1] (0 = none, 1 = class-mean image)")
+    if len(args.truncation) > 1 and not args.grid:
+        p.error("several --truncation values are for --grid only; give one value")
+    if args.num_images < 1 or args.batch_size < 1 or args.cols < 1 or args.frames < 2 or args.seed < 0:
+        p.error("--num-images, --batch-size and --cols must be >= 1, --frames >= 2, --seed >= 0")
+    return args
+
+
+def parse_classes(spec, num_classes, default):
+    """'random' -> None, 'balanced' -> all classes, '3,1,4' -> [3, 1, 4]; checked against the checkpoint."""
+    spec = spec or default
+    if spec == "random":
+        return None
+    if spec == "balanced":
+        return list(range(num_classes))
+    try:
+        classes = [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes '{spec}': give 'random', 'balanced' or comma-separated class indices") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes {bad}: this checkpoint has classes 0..{num_classes - 1}")
+    return classes
+
+
+def latent_codes(seed, indices, z_dim, num_classes):
+    """z [n, z_dim] and a uniformly random class [n] for each global image index, each drawn from a
+    generator seeded by (seed, index) alone. (numpy's SeedSequence mixes both words; torch's CPU
+    generator keeps only the low 32 bits of its seed, so (seed, index) pairs would collide there.)"""
+    rngs = [np.random.default_rng([seed, i]) for i in indices]
+    z = np.stack([r.standard_normal(z_dim, dtype=np.float32) for r in rngs]).reshape(len(rngs), z_dim)
+    y = np.array([r.integers(num_classes) for r in rngs], dtype=np.int64)
+    return torch.from_numpy(z), torch.from_numpy(y)
+
+
+def load_model(args, device):
+    """(G, cfg, vae or None), every failure as a clear error before any image is made."""
+    G, cfg = gat.load_generator(args.ckpt, ema=not args.raw, device=device)
+    if cfg.data_kind == "pixel":
+        return G, cfg, None
+    name = args.vae or cfg.vae
+    if not name:
+        raise ValueError(f"checkpoint '{args.ckpt}' names no VAE: give --vae (a folder saved with "
+                         "AutoencoderKL.save_pretrained, or a hub name like stabilityai/sd-vae-ft-ema)")
+    try:
+        vae = gat.load_vae(name, device)
+    except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
+        where = "is not a folder holding an AutoencoderKL" if os.path.exists(name) else \
+            "is neither a local folder nor a hub model available here (HF_HUB_OFFLINE? not cached?)"
+        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR (saved with "
+                         f"AutoencoderKL.save_pretrained). Cause: {type(e).__name__}: {e}") from e
+    return G, cfg, vae
+
+
+def autocast(device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def decode(vae, x):
+    """G's output -> images in [-1, 1]: VAE-decoded latents, or the pixels themselves."""
+    return x if vae is None else gat.decode_latents(vae, x, batch=len(x))
+
+
+def synthesize(G, w):
+    """Images from styles w [B, C]. gat.Generator has no entry point after its mapping network, so its
+    style() is shadowed for this one call by one that returns w (the z and y passed are then unused)."""
+    G.style = lambda z, y, truncation: w
+    try:
+        return G.generate(w.new_zeros(len(w), G.z_dim), torch.zeros(len(w), dtype=torch.long, device=w.device))
+    finally:
+        del G.style
+
+
+def to_uint8(x):
+    """[-1, 1] float [B, 1 or 3, H, W] -> uint8 [B, H, W, 3]. Quantised as ADM and the authors' sampler do
+    ((x + 1) * 127.5, clamped, truncated to an integer); grayscale pixel data gets three equal channels."""
+    x = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1)  # [B, H, W, 3]
+
+
+def write_npz(path, shards, labels):
+    """ADM sample batch (arr_0 images, arr_1 labels) written shard by shard, so that 50,000 images
+    (9.8 GB at 256 px) never sit in memory at once. A fixed zip timestamp: equal samples, equal file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, parts in (("arr_0", shards), ("arr_1", labels)):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                shape = (sum(len(a) for a in parts), *parts[0].shape[1:])
+                np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(parts[0].dtype),
+                                                             fortran_order=False, shape=shape))
+                for a in parts:
+                    for i in range(0, len(a), 1024):
+                        f.write(np.ascontiguousarray(a[i:i + 1024]).tobytes())
+    os.replace(tmp, path)
+
+
+def save_png(array, path):
+    from PIL import Image
+    Image.fromarray(array).save(path, compress_level=1)  # lossless at any level; 1 is several times faster
+
+
+def sample_fid(G, cfg, vae, args, rank, world, device):
+    """--num-images images: rank r takes a contiguous run of fixed batches of global indices, writes PNGs from a
+    thread pool and its images into a memory-mapped shard; rank 0 then joins the shards into the .npz."""
+    classes = parse_classes(args.classes, cfg.num_classes, "random")
+    N, B = args.num_images, args.batch_size
+    n_batches = math.ceil(N / B)
+    lo, hi = (min(N, B * (n_batches * r // world)) for r in (rank, rank + 1))
+    png_dir = os.path.join(args.out, "images")
+    if not args.no_png and os.path.isdir(png_dir) and os.listdir(png_dir):
+        raise ValueError(f"{png_dir} is not empty: remove it or choose another --out (old images would "
+                         "mix with the new ones in an FID over the folder)")
+    if world > 1:
+        dist.barrier()  # every rank has checked the folder before any rank writes into it
+    os.makedirs(png_dir if not args.no_png else args.out, exist_ok=True)
+    shard_path, label_path = (os.path.join(args.out, f".{what}_rank{rank}.npy") for what in ("shard", "labels"))
+    shard, labels, pending = None, np.zeros(hi - lo, np.int64), deque()
+    width = max(6, len(str(N - 1)))
+    from tqdm import tqdm
+    bar = tqdm(total=N, unit="img", disable=rank != 0, dynamic_ncols=True, desc=f"{world} process(es)")
+    t0 = time.time()
+    with ThreadPoolExecutor(max(2, (os.cpu_count() or 2) // world)) as pool:
+        for start in range(lo, hi, B):
+            idx = range(start, min(start + B, hi))
+            z, y = latent_codes(args.seed, idx, cfg.z_dim, cfg.num_classes)
+            if classes is not None:
+                y = torch.tensor([classes[i % len(classes)] for i in idx])
+            with autocast(device):
+                x = decode(vae, G.generate(z.to(device), y.to(device), args.truncation[0]))
+            images = to_uint8(x).cpu().numpy()  # the one host sync per batch
+            if shard is None:
+                shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (hi - lo, *images.shape[1:]))
+            shard[start - lo:start - lo + len(idx)] = images
+            labels[start - lo:start - lo + len(idx)] = y.numpy()
+            if not args.no_png:
+                pending.append([pool.submit(save_png, im, os.path.join(png_dir, f"{i:0{width}d}.png"))
+                                for i, im in zip(idx, images)])
+            while len(pending) > 4:  # bound the images waiting for the PNG writers
+                [f.result() for f in pending.popleft()]
+            bar.update(min(len(idx) * world, N - bar.n))  # rank 0's progress, scaled to all ranks
+        for futures in pending:
+            [f.result() for f in futures]
+    if shard is not None:
+        shard.flush()
+        np.save(label_path, labels)
+    if world > 1:
+        dist.barrier()
+    bar.close()
+    seconds = time.time() - t0
+    if rank == 0:
+        paths = [(s, l) for s, l in ((os.path.join(args.out, f".{w}_rank{r}.npy") for w in ("shard", "labels"))
+                                     for r in range(world)) if os.path.isfile(s)]
+        shards = [np.load(s, mmap_mode="r") for s, _ in paths]
+        npz = os.path.join(args.out, f"samples_{N}x{'x'.join(map(str, shards[0].shape[1:]))}.npz")
+        write_npz(npz, shards, [np.load(l) for _, l in paths])
+        del shards
+        for s, l in paths:
+            os.remove(s), os.remove(l)
+        print(f"{N} images in {seconds:.1f} s: {N / seconds:.1f} images/s on {world} process(es) "
+              f"({'PNG + ' if not args.no_png else ''}npz shards); wrote {npz}"
+              + ("" if args.no_png else f" and {png_dir}/"))
+    return seconds
+
+
+def sample_grid(G, cfg, vae, args, device):
+    """Rows = classes; per truncation value a block of --cols columns, column j using the z of image j
+    in every row and block, so a column shows one z across classes and truncations."""
+    classes = parse_classes(args.classes, cfg.num_classes, ",".join(map(str, range(min(10, cfg.num_classes)))))
+    if classes is None:
+        raise ValueError("--grid needs class rows: give --classes as a list, or 'balanced' for all classes")
+    z, _ = latent_codes(args.seed, range(args.cols), cfg.z_dim, cfg.num_classes)
+    R, T, J = len(classes), len(args.truncation), args.cols
+    z = z.repeat(R, 1).to(device)  # [R*J, z_dim]
+    y = torch.tensor(classes).repeat_interleave(J).to(device)
+    blocks = []
+    for t in args.truncation:
+        with autocast(device):
+            blocks.append(torch.cat([decode(vae, G.generate(z[i:i + args.batch_size], y[i:i + args.batch_size], t))
+                                     for i in range(0, len(z), args.batch_size)]))
+    x = torch.stack(blocks).unflatten(1, (R, J)).transpose(0, 1)  # [R, T, J, C, H, W]
+    path = os.path.join(args.out, f"grid_seed{args.seed}_trunc{'-'.join(f'{t:g}' for t in args.truncation)}.png")
+    os.makedirs(args.out, exist_ok=True)
+    gat.save_grid(x.flatten(0, 2), T * J, path)  # [R*T*J, C, H, W]
+    print(f"grid: {R} classes {classes} x {T} truncation(s) {args.truncation} x {J} seeds -> {path}")
+    return path
+
+
+def sample_interpolation(G, cfg, vae, args, device):
+    """--frames images on the straight line in w between (z of image I, first class) and (z of image J,
+    last class): one class and two z, or one z and two classes. Saved as a strip and as single frames."""
+    classes = parse_classes(args.classes, cfg.num_classes, "0")
+    if classes is None or len(classes) > 2:
+        raise ValueError("--interpolate takes one class (between two z) or two (between two classes) in --classes")
+    (i, j), t = args.interpolate, args.truncation[0]
+    z, _ = latent_codes(args.seed, [i, j], cfg.z_dim, cfg.num_classes)
+    alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]
+    with autocast(device):
+        w = G.style(z.to(device), torch.tensor([classes[0], classes[-1]], device=device), t)  # [2, C]
+        x = torch.cat([decode(vae, synthesize(G, a)) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
+    name = f"interp_seed{args.seed}_{i}-{j}_class{'-'.join(map(str, classes))}_trunc{t:g}"
+    frame_dir = os.path.join(args.out, name)
+    os.makedirs(frame_dir, exist_ok=True)
+    gat.save_grid(x, len(x), os.path.join(args.out, name + ".png"))
+    for k in range(len(x)):
+        gat.save_grid(x[k:k + 1], 1, os.path.join(frame_dir, f"{k:03d}.png"))
+    print(f"interpolation: {len(x)} frames -> {os.path.join(args.out, name)}.png and {frame_dir}/")
+    return os.path.join(args.out, name + ".png")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = gat.setup_distributed(args)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        G, cfg, vae = load_model(args, device)
+        if args.grid or args.interpolate:
+            if rank == 0:  # small jobs: one process does them
+                (sample_grid if args.grid else sample_interpolation)(G, cfg, vae, args, device)
+        else:
+            sample_fid(G, cfg, vae, args, rank, world, device)
+    except (gat.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
