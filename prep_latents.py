@@ -203,33 +203,39 @@ def marker(out, shard):
 
 def finish(out, manifest, ignored):
     """Rank 0, after all ranks are done: check every slot, write skipped.jsonl, mark the manifest complete."""
+    path = os.path.join(out, "manifest.json")
+
+    def fail(message):
+        manifest.update(num_valid=None, complete=False)  # also when an earlier run had called it complete
+        write_json(path, manifest)
+        raise SystemExit(message)
+
     missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(marker(out, s))]
     if missing:
-        raise SystemExit(f"{len(missing)} of {manifest['num_shards']} shards are unfinished (first: {missing[0]}): "
-                         f"run the same command again to finish them")
+        fail(f"{len(missing)} of {manifest['num_shards']} shards are unfinished (first: {missing[0]}): "
+             f"run the same command again to finish them")
     shards = [read_json(marker(out, s)) for s in range(manifest["num_shards"])]
     n = manifest["count"]
     covered = sum(m["end"] - m["start"] for m in shards)
     valid = np.load(os.path.join(out, "valid.npy"), mmap_mode="r")
     moments = np.load(os.path.join(out, "moments.npy"), mmap_mode="r")
     skipped = [e for m in shards for e in m["skipped"]]
-    c = manifest["latent_shape"][0]
-    # A slot is written whole, and an encoded std is exp(>= -15) > 0, so one std value per slot tells
-    # whether its write reached the file.
-    unwritten = np.flatnonzero(np.asarray(valid) & ~(moments[:, c, 0, 0] > 0))
     if covered != n or len(valid) != n or sorted(e["slot"] for e in skipped) != np.flatnonzero(~valid).tolist():
-        raise SystemExit(f"{out} is inconsistent (shards cover {covered} of {n} slots, or skipped.jsonl disagrees "
-                         f"with valid.npy): delete {out} and start over")
+        fail(f"{out} is inconsistent (shards cover {covered} of {n} slots, or the skipped files in progress/ "
+             f"disagree with valid.npy): delete {out} and start over")
+    # A slot is written whole, and an encoded std is exp(>= -15) > 0 (a float16 subnormal at worst), so one
+    # std value per slot tells whether its write reached the file.
+    unwritten = np.flatnonzero(np.asarray(valid) & ~(moments[:, manifest["latent_shape"][0], 0, 0] > 0))
     if len(unwritten):
         for s in sorted({int(i) // manifest["shard_size"] for i in unwritten}):
             os.remove(marker(out, s))
-        raise SystemExit(f"{len(unwritten)} valid slots were never written (first: {unwritten[0]}); their shards "
-                         f"are unmarked now: run the same command again to redo them")
+        fail(f"{len(unwritten)} valid slots were never written (first: {unwritten[0]}); their shards are "
+             f"unmarked now: run the same command again to redo them")
     with open(os.path.join(out, "skipped.jsonl"), "w") as f:
         for e in skipped + [{"slot": None, "file": rel, "reason": "not an image file: ignored"} for rel in ignored]:
             f.write(json.dumps(e) + "\n")
     manifest.update(num_valid=n - len(skipped), complete=True)
-    write_json(os.path.join(out, "manifest.json"), manifest)
+    write_json(path, manifest)
     print(f"{out}: {n} slots verified, {n - len(skipped)} valid, {len(skipped)} skipped and {len(ignored)} "
           f"non-image files ignored (see skipped.jsonl)")
 
@@ -277,7 +283,7 @@ def encode_shards(args, vae, files, todo, rank, world, device):
     left = {s: b - a for s, (a, b) in spans.items()}
     skipped = {s: [] for s in todo}
     total = sum(left.values())
-    bar = tqdm(total=total, unit="img", disable=rank != 0, smoothing=0.1,
+    bar = tqdm(total=total, unit="img", disable=rank != 0 or total == 0, smoothing=0.1,
                desc=f"rank 0 of {world}" if world > 1 else "encoding")
     for slots, images, reasons in loader:
         a, b = int(slots[0]), int(slots[-1]) + 1

@@ -85,7 +85,8 @@ def _prep_tree(tmp_path_factory):
 
 
 def _prep_args(images, out, vae, *extra):
-    return ["--images", str(images), "--out", str(out), "--vae", vae, "--resolution", "32",
+    # --device cpu even where a GPU exists: the runs must be comparable bit for bit, and gloo needs no GPUs
+    return ["--images", str(images), "--out", str(out), "--vae", vae, "--resolution", "32", "--device", "cpu",
             "--batch-size", "2", "--shard-size", "4", "--workers", "0", *extra]
 
 
@@ -196,6 +197,19 @@ def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path
     _prep_assert_same(out, _prep_reference)
 
 
+def test_prep_final_pass_catches_unwritten_slot(_prep_reference, _prep_tree, _prep_vae, tmp_path):
+    # A shard marked done whose data never reached the file (say, a machine crash) is caught and redone.
+    out = tmp_path / "out"
+    shutil.copytree(_prep_reference, out)
+    np.lib.format.open_memmap(out / "moments.npy", mode="r+")[5] = 0
+    with pytest.raises(SystemExit, match="never written"):
+        prep_latents.main(_prep_args(_prep_tree, out, _prep_vae))
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert not (out / "progress/000001.json").exists() and (out / "progress/000000.json").exists()
+    prep_latents.main(_prep_args(_prep_tree, out, _prep_vae))
+    _prep_assert_same(out, _prep_reference)
+
+
 def test_prep_two_ranks(_prep_reference, _prep_tree, _prep_vae, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -215,7 +229,7 @@ def test_prep_refuses_bad_input(tmp_path, _prep_vae):
     def fails(*args):
         with pytest.raises(SystemExit) as e:
             prep_latents.main(["--out", str(tmp_path / "out"), "--vae", _prep_vae, "--resolution", "32",
-                               "--workers", "0", *args])
+                               "--device", "cpu", "--workers", "0", *args])
         return str(e.value)
 
     assert "not a folder" in fails("--images", str(tmp_path / "missing"))
@@ -230,7 +244,7 @@ def test_prep_refuses_bad_input(tmp_path, _prep_vae):
     assert "multiple of the VAE's downsampling factor 8" in fails("--images", str(flat), "--resolution", "36")
 
     prep_latents.main(["--images", str(flat), "--out", str(tmp_path / "out"), "--vae", _prep_vae,
-                       "--resolution", "32", "--workers", "0"])
+                       "--resolution", "32", "--device", "cpu", "--workers", "0"])
     assert "other settings" in fails("--images", str(flat), "--resolution", "64")
     Image.new("RGB", (8, 8)).save(flat / "empty" / "y.png")
     assert "changed since" in fails("--images", str(flat))
