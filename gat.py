@@ -892,6 +892,32 @@ def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, vae_box, device):
     save_grid(x, int(math.isqrt(len(x))) if cfg.data_kind == "latent" else 10, path)
 
 
+def build_models(cfg, device, pretrained_teacher=True):
+    """G, D, the EMA copy of G, and the frozen REPA teacher (None without REPA or in pixel space)."""
+    G = build_generator(cfg, cfg.grad_ckpt).to(device)
+    use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
+    teacher = build_repa_teacher(cfg.repa_teacher, pretrained_teacher).to(device) if use_repa else None
+    D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
+                      repa_dim=teacher.embed_dim if use_repa else 0, grad_ckpt=cfg.grad_ckpt).to(device)
+    return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
+
+
+def wrap_models(G_raw, D_raw, cfg, world, device):
+    """DDP (several processes) and torch.compile around G and D; and the autocast context."""
+    G, D = G_raw, D_raw
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        G = nn.parallel.DistributedDataParallel(G_raw, device_ids=ids, broadcast_buffers=False)
+        D = nn.parallel.DistributedDataParallel(D_raw, device_ids=ids, broadcast_buffers=False)
+    if cfg.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    return G, D, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+
+
+def use_bf16(cfg, device):
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
@@ -899,6 +925,9 @@ def train(cfg):
         raise ValueError(f"--batch-size {cfg.batch_size} (global) must divide by the number of processes "
                          f"{world}; use e.g. {cfg.batch_size // world * world or world}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.fid_every and not os.path.isfile(cfg.fid_ref):
+        raise ValueError(f"--fid-every needs --fid-ref, a reference stats .npz (got {cfg.fid_ref!r}); write one "
+                         "with `python prep_latents.py ... --ref-stats` or `python fid.py REF.npz REF.npz --save-stats`")
     data = prepare_data(cfg)
     run_dir = os.path.join(cfg.results, cfg.run)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -914,12 +943,7 @@ def train(cfg):
             json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    G_raw = build_generator(cfg, cfg.grad_ckpt).to(device)
-    use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
-    teacher = build_repa_teacher(cfg.repa_teacher).to(device) if use_repa else None
-    D_raw = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
-                          repa_dim=teacher.embed_dim if use_repa else 0, grad_ckpt=cfg.grad_ckpt).to(device)
-    G_ema = copy.deepcopy(G_raw).eval().requires_grad_(False)
+    G_raw, D_raw, G_ema, teacher = build_models(cfg, device)
     opt_G, opt_D = make_optimizer(G_raw, cfg, device), make_optimizer(D_raw, cfg, device)
     step = 0
     if ckpt:
@@ -934,16 +958,7 @@ def train(cfg):
             print(f"resumed from {resume_path} at step {step}")
     else:
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
-    G, D = G_raw, D_raw
-    if world > 1:
-        G = nn.parallel.DistributedDataParallel(G_raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                                broadcast_buffers=False)
-        D = nn.parallel.DistributedDataParallel(D_raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                                broadcast_buffers=False)
-    if cfg.compile:
-        G, D = torch.compile(G), torch.compile(D)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    G, D, autocast = wrap_models(G_raw, D_raw, cfg, world, device)
 
     grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
     n_cols = 8 if cfg.num_classes == 1000 else 10
@@ -973,7 +988,7 @@ def train(cfg):
     if master:
         print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; "
               f"lr G {width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; "
-              f"{world} process(es) on {device}, {'bf16' if bf16 else 'fp32'}; run dir {run_dir}")
+              f"{world} process(es) on {device}, {'bf16' if use_bf16(cfg, device) else 'fp32'}; run dir {run_dir}")
     stop_reason = None
     for batch in batch_iterator(data, cfg, rank, world, step, device):
         out = train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast)
@@ -1061,13 +1076,9 @@ def count_params(model):
 # ten class-mean images repeated (what a fully collapsed G would get).
 # ------------------------------------------------------------------------------------------------
 def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to two sets of row vectors (float64, eigenvalues)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    # tr sqrt(s1 s2) = sum of sqrt of the eigenvalues of s1 s2 (real, >= 0 up to rounding)
-    eig = np.linalg.eigvals(s1 @ s2).real.clip(min=0)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig).sum())
+    """Frechet distance between Gaussians fitted to two sets of row vectors (fid.py's float64 math)."""
+    import fid
+    return fid.frechet_distance(*fid.stats_from_features(a), *fid.stats_from_features(b))
 
 
 def class_spread(x, y, num_classes):
@@ -1139,8 +1150,154 @@ class DigitsJudge:
                 f"class means repeated {s['fd_feature_class_means']:.2f})")
 
 
-def training_fid(G_ema, cfg, rank, world, device, vae_box):
-    raise NotImplementedError  # replaced below once fid.py is integrated
+# ------------------------------------------------------------------------------------------------
+# Training-time FID, as the authors monitor it: FID-5K of the EMA G (fixed z and uniformly random
+# classes) against reference statistics. Every rank generates and scores its share and the features
+# are all-gathered, so no rank waits on another beyond the gather itself. FID-5K is biased upward
+# against FID-50K: use it for trends, not for comparison with papers.
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def training_fid(G_ema, cfg, rank, world, device, vae_box, batch=50):
+    import fid
+    if "inception" not in vae_box:
+        vae_box["inception"] = fid.load_inception(device=device)
+        vae_box["fid_ref"] = fid.load_stats(cfg.fid_ref)
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)  # the same samples at every evaluation
+    z = torch.randn(cfg.fid_num, cfg.z_dim, generator=gen)
+    y = torch.randint(0, cfg.num_classes, (cfg.fid_num,), generator=gen)
+    lo, hi = rank * cfg.fid_num // world, (rank + 1) * cfg.fid_num // world
+    feats = []
+    for i in range(lo, hi, batch):
+        x = G_ema.generate(z[i:min(i + batch, hi)].to(device), y[i:min(i + batch, hi)].to(device))
+        if cfg.data_kind == "latent":
+            if "vae" not in vae_box:
+                vae_box["vae"] = load_vae(cfg.vae, device)
+            x = decode_latents(vae_box["vae"], x)
+        x = x.expand(-1, 3, -1, -1)  # grey digits -> RGB
+        images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # [b, H, W, 3]
+        feats.append(vae_box["inception"](images)["pool"])
+    mu, sigma = fid.stats_from_features(fid.all_gather_rows(torch.cat(feats)))
+    ref = vae_box["fid_ref"]
+    return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. Benchmark: full training iterations on random data of the real shapes, timed after warm-up,
+# with model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so MFU says
+# how much of the device's matmul peak the step turns into model arithmetic.
+# ------------------------------------------------------------------------------------------------
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
+
+
+def vit_forward_flops(depth, width, tokens, ffn_hidden, heads_out=0):
+    """Matmul FLOPs of one sample through `depth` pre-norm blocks (qkv, attention, proj, FFN)."""
+    attn = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width + 2 * tokens * width * width
+    return depth * (attn + 2 * tokens * width * ffn_hidden * 3) + heads_out
+
+
+def model_flops(cfg, teacher=None):
+    """Per-sample forward FLOPs of G, D (on one 4-level input), the REPA projector and the teacher,
+    and the per-iteration total: D step = G fwd (no grad) + D fwd/bwd over the 4B batch + teacher +
+    projector fwd/bwd; G step = G fwd/bwd + D fwd (reals, no grad) + D fwd/bwd-to-input (fakes)."""
+    m = MODEL_SIZES[cfg.size]
+    C, P, T = m["width"], m["proj_dim"], (cfg.input_size // cfg.patch) ** 2
+    hidden = int(2 / 3 * 4 * C)
+    mod = 2 * C * 4 * C * m["depth"] + cfg.num_levels * 2 * C * C  # per-sample modulation
+    heads = cfg.num_levels * 2 * T * C * cfg.patch ** 2 * cfg.channels
+    g = vit_forward_flops(m["depth"], C, T, hidden, heads + mod + 2 * (2 * cfg.z_dim * C + C * C))
+    d = vit_forward_flops(m["depth"], C, T + 1, hidden, 2 * T * cfg.num_levels * cfg.channels * cfg.patch ** 2 * C
+                          + 2 * C * P + 2 * 2 * P * P)
+    repa = t = 0
+    if teacher is not None:
+        repa = 2 * (T + 1) * (C * P + P * P + P * teacher.embed_dim)
+        tt = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
+        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, tt, 4 * teacher.embed_dim)
+    per_iter = g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa
+    return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
+
+
+def cpu_matmul_peak(n=1024, reps=20):
+    """The fp32 matmul rate this CPU reaches right now (the reference for CPU MFU)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def benchmark(cfg, warmup=3, iters=10):
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
+    torch.manual_seed(cfg.seed)
+    G_raw, D_raw, G_ema, teacher = build_models(cfg, device, pretrained_teacher=False)  # random weights: same speed
+    opt_G, opt_D = make_optimizer(G_raw, cfg, device), make_optimizer(D_raw, cfg, device)
+    G, D, autocast = wrap_models(G_raw, D_raw, cfg, 1, device)
+    b = cfg.batch_size
+    batch = (torch.randn(b, 4, 32, 32, device=device), torch.randint(0, 256, (b, 256, 256, 3), dtype=torch.uint8, device=device),
+             torch.randint(0, 1000, (b,), device=device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(warmup):
+        train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast)
+    sync()
+    dt = (time.perf_counter() - t0) / iters
+    assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"
+    flops = model_flops(cfg, teacher)
+    achieved = flops["per_iteration"] * b / dt
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak_name = next((k for k in GPU_BF16_PEAK_TFLOPS if k in name), None)
+        peak = GPU_BF16_PEAK_TFLOPS[peak_name] * 1e12 if peak_name else float("nan")
+        peak_what = f"{name} datasheet bf16 dense peak {peak / 1e12:.0f} TFLOP/s" if peak_name else f"{name}: peak unknown"
+        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB GPU"
+    else:
+        import resource
+        peak = cpu_matmul_peak()
+        peak_what = f"fp32 matmul peak measured now on {torch.get_num_threads()} CPU threads: {peak / 1e9:.1f} GFLOP/s"
+        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+    result = dict(size=cfg.size, patch=cfg.patch, batch=b, device=str(device), compile=cfg.compile,
+                  precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
+                  ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops["per_iteration"] * b / 1e9,
+                  achieved_tflops=achieved / 1e12, mfu=achieved / peak, peak=peak_what, peak_memory=mem)
+    # sampling: one G evaluation per image; with the SD-VAE decoder (random weights, same cost) on GPU
+    with autocast:
+        G_ema.generate(batch[0].new_zeros(b, cfg.z_dim).normal_(), batch[2])
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            x = G_ema.generate(batch[0].new_zeros(b, cfg.z_dim).normal_(), batch[2])
+        sync()
+    result["sample_G_images_per_s"] = b * iters / (time.perf_counter() - t0)
+    if device.type == "cuda":
+        from diffusers.models import AutoencoderKL
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=256).to(device, torch.bfloat16).eval()
+        with torch.no_grad(), autocast:
+            decode_latents(vae, x)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(max(1, iters // 2)):
+                decode_latents(vae, G_ema.generate(batch[0].new_zeros(b, cfg.z_dim).normal_(), batch[2]), batch=b)
+            sync()
+        result["sample_G_vae_images_per_s"] = b * max(1, iters // 2) / (time.perf_counter() - t0)
+    print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({result['precision']}, compile={cfg.compile}, "
+          f"REPA={result['repa']}): {result['ms_per_iteration']:.1f} ms/iteration, {result['images_per_s']:.1f} images/s, "
+          f"{result['gflops_per_iteration']:.1f} GFLOP/iteration -> {result['achieved_tflops']:.3f} TFLOP/s, "
+          f"MFU {result['mfu']:.1%} ({peak_what}); peak memory {mem}")
+    print(f"sampling: G only {result['sample_G_images_per_s']:.1f} images/s"
+          + (f", G + SD-VAE decode {result['sample_G_vae_images_per_s']:.1f} images/s" if "sample_G_vae_images_per_s" in result else
+             " (VAE decode timed on GPU only)"))
+    print(json.dumps(result))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,16 @@ def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4):
     return G, D
 
 
+def tiny_vae(path):
+    """A random AutoencoderKL with SD-VAE's interface (4 latent channels, 8x downsampling), saved by path."""
+    from diffusers.models import AutoencoderKL
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                  sample_size=64).save_pretrained(path)
+    return str(path)
+
+
 def tiny_teacher():
     return gat.build_repa_teacher(pretrained=False, depth=1, embed_dim=32, num_heads=2)
 
@@ -302,3 +312,240 @@ def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", "import gat"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
     assert not os.path.exists(os.path.join(HERE, "results", "GAT-XL-2-imagenet256"))
+
+
+# ================================================================================================
+# gat.py: data, checkpoints and the training loop
+# ================================================================================================
+def digits_cfg(tmp_path, run="r", **overrides):
+    cfg = gat.Config(**gat.DIGITS_PRESET)
+    settings = dict(data="digits", results=str(tmp_path), run=run, batch_size=8, max_minutes=0.0, sample_every=0,
+                    log_every=2, ckpt_every=3, steps=6)
+    for k, v in (settings | overrides).items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def ckpt_of(tmp_path, run="r"):
+    return gat.load_checkpoint(os.path.join(tmp_path, run, "checkpoints", "latest.pt"))
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_batch_rows_split_ranks_and_epochs():
+    full = gat.batch_rows(100, 8, 8, 0, 0, 3)
+    halves = np.concatenate([gat.batch_rows(100, 8, 4, r, 0, 3) for r in range(2)])
+    assert np.array_equal(full, halves) and len(set(full)) == 8
+    epoch0 = np.concatenate([gat.batch_rows(100, 8, 8, 0, 0, s) for s in range(12)])
+    assert len(set(epoch0)) == 96  # no repeats within an epoch (drop-last leaves 4 out)
+    assert not np.array_equal(gat.batch_rows(100, 8, 8, 0, 0, 0), gat.batch_rows(100, 8, 8, 0, 0, 12))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    gat.train(digits_cfg(tmp_path, "straight", steps=6))
+    gat.train(digits_cfg(tmp_path, "resumed", steps=3))
+    assert ckpt_of(tmp_path, "resumed")["step"] == 3
+    gat.train(digits_cfg(tmp_path, "resumed", steps=6))  # picks up latest.pt of its run automatically
+    a, b = ckpt_of(tmp_path, "straight"), ckpt_of(tmp_path, "resumed")
+    assert a["step"] == b["step"] == 6
+    for k in ("G", "D", "G_ema"):
+        assert_same_state(a[k], b[k])
+    assert torch.equal(a["opt_G"]["state"][0]["exp_avg_sq"], b["opt_G"]["state"][0]["exp_avg_sq"])
+    lines = [json.loads(l) for l in open(os.path.join(tmp_path, "straight", "metrics.jsonl"))]
+    assert [l["step"] for l in lines] == [2, 3, 4, 6] and all(math.isfinite(l["loss_D"]) for l in lines)
+
+
+def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "latest.pt")
+    gat.atomic_save({"format": gat.CKPT_FORMAT, "step": 1}, path)
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed before the rename")
+    monkeypatch.setattr(gat.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        gat.atomic_save({"format": gat.CKPT_FORMAT, "step": 2}, path)
+    assert gat.load_checkpoint(path)["step"] == 1
+
+
+def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(gat.CheckpointError, match="damaged"):
+        gat.load_checkpoint(str(bad))
+    torch.save({"generator": {}}, tmp_path / "other.pt")
+    with pytest.raises(gat.CheckpointError, match="not a gat.py checkpoint"):
+        gat.load_generator(str(tmp_path / "other.pt"))
+
+
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real_d_loss = gat.d_loss
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss, logs = real_d_loss(*args, **kw)
+        return (loss * float("nan") if calls["n"] >= 5 else loss), logs
+    monkeypatch.setattr(gat, "d_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite .* last good checkpoint"):
+        gat.train(digits_cfg(tmp_path, steps=20, ckpt_every=2, log_every=2))
+    ckpt = ckpt_of(tmp_path)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["G"].values())
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    cmd = [sys.executable, "gat.py", "--data", "digits", "--results", str(tmp_path), "--run", "s", "--batch-size", "8",
+           "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "s" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "signal" in out
+    assert ckpt_of(tmp_path, "s")["step"] >= 2
+
+
+def test_checkpoint_of_another_size_is_refused(tmp_path):
+    gat.train(digits_cfg(tmp_path, steps=1))
+    with pytest.raises(gat.CheckpointError, match="patch: checkpoint 2 vs requested 1"):
+        gat.train(digits_cfg(tmp_path, steps=2, patch=1))
+
+
+def test_missing_data_dir_says_what_to_do(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        gat.main(["--data", str(tmp_path / "nowhere"), "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "prep_latents.py" in err and "--data digits" in err
+
+
+def write_fake_latents(path, n=24, classes=3, res=64, complete=True):
+    """A dataset in prep_latents.py's format (gat-latents-v1), with random content."""
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(0)
+    h = res // 8
+    np.save(os.path.join(path, "moments.npy"), np.concatenate(
+        [rng.normal(size=(n, 4, h, h)), np.full((n, 4, h, h), 0.1)], 1).astype(np.float16))
+    np.save(os.path.join(path, "images.npy"), rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8))
+    np.save(os.path.join(path, "labels.npy"), np.arange(n) % classes)
+    valid = np.ones(n, bool)
+    valid[5] = False  # a skipped file keeps its slot
+    np.save(os.path.join(path, "valid.npy"), valid)
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(dict(format="gat-latents-v1", count=n, num_valid=n - 1, resolution=res, latent_shape=[4, h, h],
+                       vae="none", latent_scale=0.18215, num_classes=classes,
+                       class_names=[f"c{i}" for i in range(classes)], complete=complete), f)
+
+
+def test_trains_on_latent_dataset_with_repa_and_workers(tmp_path, monkeypatch):
+    write_fake_latents(tmp_path / "lat")
+    teacher = tiny_teacher()
+    monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True: teacher)
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), run="lat", batch_size=4,
+                     num_workers=1, steps=3, log_every=1, ckpt_every=3, sample_every=0, snapshot_every=3,
+                     vae=tiny_vae(tmp_path / "vae"))
+    gat.train(cfg)
+    assert os.path.isfile(tmp_path / "lat" / "samples_0000003_trunc0.png")  # decoded through the VAE
+    ckpt = ckpt_of(tmp_path, "lat")
+    assert ckpt["step"] == 3 and ckpt["config"]["data_kind"] == "latent" and ckpt["config"]["input_size"] == 8
+    assert os.path.isfile(tmp_path / "lat" / "checkpoints" / "0000003.pt")
+    lines = [json.loads(l) for l in open(tmp_path / "lat" / "metrics.jsonl")]
+    assert all(l["repa_cls"] > 0 and math.isfinite(l["repa_patch"]) for l in lines)
+
+
+def test_incomplete_or_malformed_dataset_is_refused(tmp_path):
+    write_fake_latents(tmp_path / "half", complete=False)
+    with pytest.raises(gat.DataError, match="rerun the same prep_latents.py command"):
+        gat.load_latent_dataset(str(tmp_path / "half"))
+    write_fake_latents(tmp_path / "broken")
+    os.remove(tmp_path / "broken" / "labels.npy")
+    with pytest.raises(gat.DataError, match="malformed"):
+        gat.load_latent_dataset(str(tmp_path / "broken"))
+
+
+DDP_SCRIPT = r'''
+import os, sys, json
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import gat
+torch.set_num_threads(1)
+out = sys.argv[2]
+world = int(os.environ.get("WORLD_SIZE", 1))
+if world > 1:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+# identity augmentation and noiseless MNG, R1/R2 weights 0: the step is then a deterministic function of
+# the global batch, so one process and two must produce the same gradients
+zeros = lambda B: torch.zeros(B)
+gat.sample_augment = lambda B, size, device, flip_prob=0.4: dict(
+    color=zeros(B).bool(), brightness=zeros(B), saturation=zeros(B) + 1, contrast=zeros(B) + 1, tx=zeros(B),
+    ty=zeros(B), cut_x=zeros(B) + 10, cut_y=zeros(B) + 10, flip=zeros(B).bool())
+gat.mng_perturb = lambda levels, eps: levels
+cfg = gat.Config(size="tiny", r1_gamma=0.0, r2_gamma=0.0)
+torch.manual_seed(0)
+G = gat.Generator("tiny", 2, 10, 1, 8)
+D = gat.Discriminator("tiny", 2, 10, 1, 8, repa_dim=0)
+g = torch.Generator().manual_seed(1)
+x, y, z = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g), torch.randn(8, 64, generator=g)
+rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+Gd, Dd, _ = gat.wrap_models(G, D, cfg, world, torch.device("cpu"))
+with torch.no_grad():
+    fake = G(z[rows], y[rows])[0]
+gat.d_loss(Dd, fake, x[rows], y[rows], cfg)[0].backward()
+D.requires_grad_(False)
+fake, w = Gd(z[rows], y[rows])
+gat.g_loss(D, fake, x[rows], y[rows], cfg).backward()
+G.update_class_means(w.detach(), y[rows])
+if rank == 0:
+    torch.save({"D": {n: p.grad for n, p in D.named_parameters()}, "G": {n: p.grad for n, p in G.named_parameters()},
+                "w_avg": G.w_avg}, out)
+if world > 1:
+    tcfg = gat.Config(**gat.DIGITS_PRESET)
+    tcfg.results, tcfg.run, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
+    tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
+    try:
+        gat.train(tcfg)
+    except ValueError as e:
+        print("BATCH_ERROR", e)
+    tcfg.batch_size = 8
+    gat.train(tcfg)
+    if rank == 0:
+        print("TRAIN_OK")
+'''
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          str(script), HERE, str(tmp_path / "two.pt")], capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for part in ("D", "G"):
+        for name in a[part]:
+            assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
+    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)  # class means all-reduced over ranks
+    assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2" in two.stdout
+    assert "TRAIN_OK" in two.stdout and ckpt_of(tmp_path, "ddp")["step"] == 2
+    assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
+
+
+def test_benchmark_smoke():
+    cfg = gat.Config(size="tiny", batch_size=2, repa_weight=0.0, device="cpu")
+    r = gat.benchmark(cfg, warmup=1, iters=1)
+    assert r["ms_per_iteration"] > 0 and 0 < r["mfu"] < 1.5 and r["sample_G_images_per_s"] > 0
+    flops = gat.model_flops(gat.Config(size="XL", channels=4, input_size=32))
+    assert flops["G"] / 1e9 == pytest.approx(119, rel=0.05)  # the paper's 119 GFLOPs for GAT-XL/2's G
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider"] + sys.argv[1:]))
