@@ -168,6 +168,11 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
     np.testing.assert_allclose(moments[valid].astype(np.float32), want, rtol=2e-3, atol=1e-4)
     assert (moments[valid][:, 4:] > 0).all()
 
+    import gat  # the reader accepts the folder and trains on exactly the valid slots
+
+    data = gat.load_latent_dataset(str(out))
+    assert data["index"].tolist() == np.flatnonzero(valid).tolist() and data["num_classes"] == 5
+
 
 def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path, monkeypatch):
     out = tmp_path / "out"
@@ -188,6 +193,10 @@ def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path
     assert manifest["complete"] is False and manifest["num_valid"] is None
     assert sorted(os.listdir(out / "progress")) == ["000000.json", "000001.json"]
     assert np.load(out / "valid.npy")[8:10].all() and not (out / "skipped.jsonl").exists()
+    import gat
+
+    with pytest.raises(gat.DataError, match="incomplete"):
+        gat.load_latent_dataset(str(out))
 
     loaded = []
     load = prep_latents.load_image
