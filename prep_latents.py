@@ -320,8 +320,8 @@ def ref_stats(args, rank, world, device):
     mine = np.array_split(np.flatnonzero(np.load(os.path.join(args.out, "valid.npy"))), world)[rank]
     # Running sums of x and x x^T (float64) rather than the features themselves: ImageNet's features would
     # take 21 GB, the sums are a vector and a matrix per kind, which all_reduce adds up across ranks.
-    sums = {k: (torch.zeros(d, dtype=torch.float64, device=device), torch.zeros(d, d, dtype=torch.float64, device=device))
-            for k, d in (("pool", 2048), ("spatial", 2023))}
+    f64 = dict(dtype=torch.float64, device=device)
+    sums = {k: (torch.zeros(d, **f64), torch.zeros(d, d, **f64)) for k, d in (("pool", 2048), ("spatial", 2023))}
     for i in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc="inception features"):
         with torch.no_grad():
             feats = model(torch.from_numpy(images[mine[i:i + args.batch_size]]).to(device))
@@ -359,6 +359,8 @@ def main(argv=None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # every batch has the same shape
+        if args.precision == "fp32":
+            torch.backends.fp32_precision = "ieee"  # fp32 asked for is fp32, not the TF32 convolutions of the default
     barrier = dist.barrier if distributed else (lambda: None)
 
     # Rank 0 scans, loads the VAE first (one download into the Hugging Face cache, not eight racing ones) and

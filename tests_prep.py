@@ -141,7 +141,8 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
                 "labels": ("int64", (n,)), "valid": ("bool", (n,))}
     for k, (dtype, shape) in expected.items():
         assert (str(arrays[k].dtype), arrays[k].shape) == (dtype, shape), k
-        assert (m["arrays"][k]["file"], m["arrays"][k]["dtype"], tuple(m["arrays"][k]["shape"])) == (f"{k}.npy", dtype, shape)
+        entry = m["arrays"][k]
+        assert (entry["file"], entry["dtype"], tuple(entry["shape"])) == (f"{k}.npy", dtype, shape)
     assert (out / "files.txt").read_text().splitlines() == _PREP_FILES
     assert arrays["labels"].tolist() == _PREP_LABELS
     assert np.flatnonzero(~arrays["valid"]).tolist() == sorted(_PREP_BAD.values())
@@ -275,7 +276,8 @@ def test_prep_ref_stats(tmp_path, _prep_vae):
                                  "--inception", str(tmp_path / "inception.pth")))
     valid = np.load(out / "valid.npy")
     assert valid.tolist() == [True, True, False]
-    feats = fid.inception_features(fid.load_inception(str(tmp_path / "inception.pth")), np.load(out / "images.npy")[valid])
+    model = fid.load_inception(str(tmp_path / "inception.pth"))
+    feats = fid.inception_features(model, np.load(out / "images.npy")[valid])
     stats = np.load(tmp_path / "ref.npz")
     assert set(stats.files) == {"mu", "sigma", "mu_s", "sigma_s"}
     for key, kind in (("", "pool"), ("_s", "spatial")):
