@@ -429,7 +429,8 @@ def inception_features(model, images, batch_size=100, shard=False, progress=Fals
         with torch.no_grad():
             for k, v in model(batch.to(device)).items():
                 outs[k].append(v)
-    return {k: all_gather_rows(torch.cat(v)).double().cpu().numpy() for k, v in outs.items()}
+    gather = all_gather_rows if shard else (lambda x: x)  # unsharded calls may differ per rank: no collective
+    return {k: gather(torch.cat(v)).double().cpu().numpy() for k, v in outs.items()}
 
 
 # -----------------------------------------------------------------------------------------------------

@@ -98,6 +98,7 @@ class Config:
     fid_every: int = 0                  # FID-5K of EMA G against --fid-ref every N steps; 0 = off
     fid_ref: str = ""                   # reference stats .npz (fid.py / prep_latents.py --ref-stats)
     fid_num: int = 5000
+    fid_inception: str = ""             # Inception weights file; default: download to the torch hub cache
     # speed
     device: str = ""                    # default: cuda if available, else cpu
     precision: str = "auto"             # auto = bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
@@ -1160,7 +1161,7 @@ class DigitsJudge:
 def training_fid(G_ema, cfg, rank, world, device, vae_box, batch=50):
     import fid
     if "inception" not in vae_box:
-        vae_box["inception"] = fid.load_inception(device=device)
+        vae_box["inception"] = fid.load_inception(cfg.fid_inception or None, device=device)
         vae_box["fid_ref"] = fid.load_stats(cfg.fid_ref)
     gen = torch.Generator().manual_seed(cfg.seed + 12345)  # the same samples at every evaluation
     z = torch.randn(cfg.fid_num, cfg.z_dim, generator=gen)

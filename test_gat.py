@@ -539,6 +539,23 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
 
 
+def test_training_time_fid_is_logged(tmp_path, monkeypatch):
+    import fid
+
+    def stand_in(images):  # a 12-d stand-in for the Inception pool features: 2x2 mean colours
+        return {"pool": F.adaptive_avg_pool2d(images.permute(0, 3, 1, 2).float(), 2).flatten(1)}
+    monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": stand_in)
+    digits = gat.load_digits_dataset()
+    real = ((digits["x"].expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    fid.save_stats(tmp_path / "ref.npz", dict(zip(("mu", "sigma"), fid.stats_from_features(stand_in(real)["pool"]))))
+    gat.train(digits_cfg(tmp_path, steps=4, fid_every=2, fid_num=60, fid_ref=str(tmp_path / "ref.npz")))
+    lines = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
+    fids = [l["fid"] for l in lines if "fid" in l]
+    assert len(fids) == 2 and all(math.isfinite(f) and f > 0 for f in fids)
+    with pytest.raises(ValueError, match="--fid-ref"):
+        gat.train(digits_cfg(tmp_path, run="nofid", steps=2, fid_every=2))
+
+
 def test_benchmark_smoke():
     cfg = gat.Config(size="tiny", batch_size=2, repa_weight=0.0, device="cpu")
     r = gat.benchmark(cfg, warmup=1, iters=1)
