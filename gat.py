@@ -1268,28 +1268,31 @@ def benchmark(cfg, warmup=3, iters=10):
                   precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
                   ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops["per_iteration"] * b / 1e9,
                   achieved_tflops=achieved / 1e12, mfu=achieved / peak, peak=peak_what, peak_memory=mem)
-    # sampling: one G evaluation per image; with the SD-VAE decoder (random weights, same cost) on GPU
+    # sampling: one G evaluation per image (a larger batch on GPU, as sample.py uses); with the SD-VAE
+    # decoder (random weights, same cost) on GPU
+    sb = 256 if device.type == "cuda" else b
+    y = torch.randint(0, 1000, (sb,), device=device)
     with autocast:
-        G_ema.generate(batch[0].new_zeros(b, cfg.z_dim).normal_(), batch[2])
+        G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
         sync()
         t0 = time.perf_counter()
         for _ in range(iters):
-            x = G_ema.generate(batch[0].new_zeros(b, cfg.z_dim).normal_(), batch[2])
+            x = G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
         sync()
-    result["sample_G_images_per_s"] = b * iters / (time.perf_counter() - t0)
+    result["sample_G_images_per_s"] = sb * iters / (time.perf_counter() - t0)
     if device.type == "cuda":
         from diffusers.models import AutoencoderKL
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
                             sample_size=256).to(device, torch.bfloat16).eval()
         with torch.no_grad(), autocast:
-            decode_latents(vae, x)
+            decode_latents(vae, x[:64], batch=64)
             sync()
             t0 = time.perf_counter()
             for _ in range(max(1, iters // 2)):
-                decode_latents(vae, G_ema.generate(batch[0].new_zeros(b, cfg.z_dim).normal_(), batch[2]), batch=b)
+                decode_latents(vae, G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y), batch=64)
             sync()
-        result["sample_G_vae_images_per_s"] = b * max(1, iters // 2) / (time.perf_counter() - t0)
+        result["sample_G_vae_images_per_s"] = sb * max(1, iters // 2) / (time.perf_counter() - t0)
     print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({result['precision']}, compile={cfg.compile}, "
           f"REPA={result['repa']}): {result['ms_per_iteration']:.1f} ms/iteration, {result['images_per_s']:.1f} images/s, "
           f"{result['gflops_per_iteration']:.1f} GFLOP/iteration -> {result['achieved_tflops']:.3f} TFLOP/s, "
