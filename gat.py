@@ -884,13 +884,16 @@ def load_vae(name, device):
     return AutoencoderKL.from_pretrained(name, torch_dtype=dtype).to(device).eval().requires_grad_(False)
 
 
+GRID_COLUMNS = {"latent": 8, "pixel": 10}
+
+
 def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, vae_box, device):
     x = G_ema.generate(grid_z.to(device), grid_y.to(device), cfg.sample_truncation)
     if cfg.data_kind == "latent":
         if "vae" not in vae_box:
             vae_box["vae"] = load_vae(cfg.vae, device)
         x = decode_latents(vae_box["vae"], x)
-    save_grid(x, int(math.isqrt(len(x))) if cfg.data_kind == "latent" else 10, path)
+    save_grid(x, GRID_COLUMNS[cfg.data_kind], path)
 
 
 def build_models(cfg, device, pretrained_teacher=True):
@@ -961,9 +964,9 @@ def train(cfg):
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
     G, D, autocast = wrap_models(G_raw, D_raw, cfg, world, device)
 
+    # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
     grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
-    n_cols = 8 if cfg.num_classes == 1000 else 10
-    grid_y = torch.tensor(grid_classes).repeat_interleave(n_cols) if cfg.data_kind == "pixel" else torch.tensor(grid_classes * (64 // len(grid_classes)))
+    grid_y = torch.tensor(grid_classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
     grid_z = torch.randn(len(grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     with torch.random.fork_rng(devices=[]):  # the judge's training must not shift the run's random stream
         judge = DigitsJudge(data, device) if cfg.data_kind == "pixel" else None
@@ -999,7 +1002,8 @@ def train(cfg):
         step += 1
         bar.update(1)
         timed_out = cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes
-        check = (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps
+        snapshot = cfg.snapshot_every and step % cfg.snapshot_every == 0
+        check = (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps or snapshot
                  or (world == 1 and (STOP["signal"] or timed_out))
                  or (cfg.sample_every and step % cfg.sample_every == 0) or (cfg.fid_every and step % cfg.fid_every == 0))
         if not check:
@@ -1041,11 +1045,13 @@ def train(cfg):
         sums, n_sum, t_last, step_last = {}, 0, time.time(), step
         if vals[-1] > 0:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
-        if step % cfg.ckpt_every == 0 or stop_reason or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or snapshot or stop_reason or step == cfg.steps:
             checkpoint(os.path.join(ckpt_dir, "latest.pt"))
-        if cfg.snapshot_every and step % cfg.snapshot_every == 0 and master:
+        if snapshot and master:  # a kept copy, made the same atomic way
             import shutil
-            shutil.copyfile(os.path.join(ckpt_dir, "latest.pt"), os.path.join(ckpt_dir, f"{step:07d}.pt"))
+            snap = os.path.join(ckpt_dir, f"{step:07d}.pt")
+            shutil.copyfile(os.path.join(ckpt_dir, "latest.pt"), f"{snap}.tmp.{os.getpid()}")
+            os.replace(f"{snap}.tmp.{os.getpid()}", snap)
         if stop_reason:
             break
     bar.close()
