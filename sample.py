@@ -33,9 +33,10 @@ import torch.distributed as dist
 import gat
 
 TRUNCATION_HELP = (
-    "fraction by which w moves toward its class's mean w: 0 = none, 1 = the class-mean image (the authors' "
-    "convention; StyleGAN's psi = 1 - this). Several values for --grid. FIDs are comparable only at equal "
-    "truncation: the authors' generate.py defaults to 0.3, their in-training FID uses 0 (see README)")
+    "fraction by which w moves toward its class's mean w: 0 = none (the default), 1 = the class-mean image "
+    "(the authors' convention; StyleGAN's psi = 1 - this). Several values for --grid. FIDs compare only at "
+    "equal truncation: the authors' released sampler defaults to 0.3, their in-training FID uses 0; which one "
+    "the paper's FID-50K used is not stated (see README)")
 
 
 def parse_args(argv=None):
@@ -47,9 +48,9 @@ def parse_args(argv=None):
                    help="number of images (default mode). Under torchrun write --num-images: torchrun takes a "
                         "bare --num for an abbreviation of its own --numa-binding")
     p.add_argument("--classes", default=None,
-                   help="'random' (uniform; default for --num-images), 'balanced' (image i gets class i mod classes) or a "
-                        "list '207,360' (cycled over images; grid rows; the 1 or 2 classes of --interpolate). "
-                        "--grid defaults to the first 10 classes, --interpolate to class 0")
+                   help="'random' (uniform; default for --num-images), 'balanced' (image i gets class i mod "
+                        "classes) or a list '207,360' (cycled over images; grid rows; the 1 or 2 classes of "
+                        "--interpolate). --grid defaults to the first 10 classes, --interpolate to class 0")
     p.add_argument("--truncation", type=float, nargs="+", default=[0.0], help=TRUNCATION_HELP)
     p.add_argument("--seed", type=int, default=0, help="image i uses z (and random class) from (seed, i)")
     p.add_argument("--batch-size", type=int, default=64, help="images per G call and per VAE decode, per process")
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", action="store_true", help="one PNG: rows = classes, columns = seeds, per truncation")
     p.add_argument("--cols", type=int, default=8, help="--grid: columns; column j uses the z of image j")
     p.add_argument("--interpolate", type=int, nargs=2, metavar=("I", "J"),
-                   help="frames from the z of image I to the z of image J (linear in w)")
+                   help="frames from (z of image I, first --classes class) to (z of image J, last class), "
+                        "linear in w")
     p.add_argument("--frames", type=int, default=8, help="--interpolate: number of frames")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
@@ -96,7 +98,7 @@ def latent_codes(seed, indices, z_dim, num_classes):
     generator seeded by (seed, index) alone. (numpy's SeedSequence mixes both words; torch's CPU
     generator keeps only the low 32 bits of its seed, so (seed, index) pairs would collide there.)"""
     rngs = [np.random.default_rng([seed, i]) for i in indices]
-    z = np.stack([r.standard_normal(z_dim, dtype=np.float32) for r in rngs]).reshape(len(rngs), z_dim)
+    z = np.array([r.standard_normal(z_dim, dtype=np.float32) for r in rngs]).reshape(len(rngs), z_dim)
     y = np.array([r.integers(num_classes) for r in rngs], dtype=np.int64)
     return torch.from_numpy(z), torch.from_numpy(y)
 
@@ -143,7 +145,7 @@ def to_uint8(x):
     """[-1, 1] float [B, 1 or 3, H, W] -> uint8 [B, H, W, 3]. Quantised as ADM and the authors' sampler do
     ((x + 1) * 127.5, clamped, truncated to an integer); grayscale pixel data gets three equal channels."""
     x = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1)  # [B, H, W, 3]
+    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
 
 
 def write_npz(path, shards, labels):
@@ -179,28 +181,30 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
     if not args.no_png and os.path.isdir(png_dir) and os.listdir(png_dir):
         raise ValueError(f"{png_dir} is not empty: remove it or choose another --out (old images would "
                          "mix with the new ones in an FID over the folder)")
+    shard_path, label_path = (os.path.join(args.out, f".{what}_rank{rank}.npy") for what in ("shard", "labels"))
+    for path in (shard_path, label_path):
+        if os.path.exists(path):  # left by a crashed run; a rank with no images now would not overwrite it
+            os.remove(path)
     if world > 1:
         dist.barrier()  # every rank has checked the folder before any rank writes into it
     os.makedirs(png_dir if not args.no_png else args.out, exist_ok=True)
-    shard_path, label_path = (os.path.join(args.out, f".{what}_rank{rank}.npy") for what in ("shard", "labels"))
-    shard, labels, pending = None, np.zeros(hi - lo, np.int64), deque()
+    shard, pending = None, deque()
     width = max(6, len(str(N - 1)))
     from tqdm import tqdm
     bar = tqdm(total=N, unit="img", disable=rank != 0, dynamic_ncols=True, desc=f"{world} process(es)")
     t0 = time.time()
+    z, y = latent_codes(args.seed, range(lo, hi), cfg.z_dim, cfg.num_classes)  # all of them now: none per batch
+    if classes is not None:
+        y = torch.tensor([classes[i % len(classes)] for i in range(lo, hi)], dtype=torch.long)
     with ThreadPoolExecutor(max(2, (os.cpu_count() or 2) // world)) as pool:
         for start in range(lo, hi, B):
-            idx = range(start, min(start + B, hi))
-            z, y = latent_codes(args.seed, idx, cfg.z_dim, cfg.num_classes)
-            if classes is not None:
-                y = torch.tensor([classes[i % len(classes)] for i in idx])
+            idx, rows = range(start, min(start + B, hi)), slice(start - lo, min(start + B, hi) - lo)
             with autocast(device):
-                x = decode(vae, G.generate(z.to(device), y.to(device), args.truncation[0]))
+                x = decode(vae, G.generate(z[rows].to(device), y[rows].to(device), args.truncation[0]))
             images = to_uint8(x).cpu().numpy()  # the one host sync per batch
             if shard is None:
                 shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (hi - lo, *images.shape[1:]))
-            shard[start - lo:start - lo + len(idx)] = images
-            labels[start - lo:start - lo + len(idx)] = y.numpy()
+            shard[rows] = images
             if not args.no_png:
                 pending.append([pool.submit(save_png, im, os.path.join(png_dir, f"{i:0{width}d}.png"))
                                 for i, im in zip(idx, images)])
@@ -211,7 +215,7 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
             [f.result() for f in futures]
     if shard is not None:
         shard.flush()
-        np.save(label_path, labels)
+        np.save(label_path, y.numpy())
     if world > 1:
         dist.barrier()
     bar.close()
@@ -220,14 +224,15 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
         paths = [(s, l) for s, l in ((os.path.join(args.out, f".{w}_rank{r}.npy") for w in ("shard", "labels"))
                                      for r in range(world)) if os.path.isfile(s)]
         shards = [np.load(s, mmap_mode="r") for s, _ in paths]
+        assert sum(len(s) for s in shards) == N, "the ranks' shards do not add up to --num-images"
         npz = os.path.join(args.out, f"samples_{N}x{'x'.join(map(str, shards[0].shape[1:]))}.npz")
         write_npz(npz, shards, [np.load(l) for _, l in paths])
         del shards
-        for s, l in paths:
-            os.remove(s), os.remove(l)
+        for path in sum(paths, ()):
+            os.remove(path)
         print(f"{N} images in {seconds:.1f} s: {N / seconds:.1f} images/s on {world} process(es) "
-              f"({'PNG + ' if not args.no_png else ''}npz shards); wrote {npz}"
-              + ("" if args.no_png else f" and {png_dir}/"))
+              f"({'PNGs + ' if not args.no_png else ''}shards); npz in {time.time() - t0 - seconds:.1f} s more: "
+              f"{npz}" + ("" if args.no_png else f", PNGs in {png_dir}/"))
     return seconds
 
 

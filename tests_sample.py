@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fid
 import gat
 import sample
 
@@ -72,6 +73,14 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "images/s on 2 process(es)" in proc.stdout
+    # 1 image in batches of 4 on 2 processes: rank 0 gets none, rank 1 the one image
+    _sample_run(*args[:3], 1, *args[4:], "--no-png", "--out", tmp_path / "one_1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "sample.py", *args[:3], "1", *args[4:], "--no-png", "--out", tmp_path / "two_1"],
+                          cwd=_SAMPLE_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one_1, two_1 = (tmp_path / d / "samples_1x8x8x3.npz" for d in ("one_1", "two_1"))
+    assert one_1.read_bytes() == two_1.read_bytes()
     one, two = (tmp_path / d / "samples_10x8x8x3.npz" for d in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()
     with np.load(one) as f:
@@ -80,6 +89,7 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
     assert (x[..., 0] == x[..., 1]).all() and (x[..., 0] == x[..., 2]).all()  # grayscale in three channels
     assert x.max() - x.min() > 100 and len({im.tobytes() for im in x}) == 10
     assert y.dtype == np.int64 and y.shape == (10,) and ((0 <= y) & (y < 10)).all()
+    assert (fid._npz_array(str(one)) == x).all()  # fid.py memory-maps it as it does ADM's batches
     for d in ("one", "two"):
         pngs = sorted(os.listdir(tmp_path / d / "images"))
         assert pngs == [f"{i:06d}.png" for i in range(10)]
