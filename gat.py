@@ -56,6 +56,7 @@ MODEL_SIZES = {
 PATCH_SIZES = (1, 2, 4, 8)
 LATENT_SCALE = 0.18215  # SD-VAE: latent = 0.18215 * posterior sample, giving roughly unit variance
 REPA_TEACHER = "vit_base_patch14_dinov2.lvd142m"  # DINOv2 ViT-B/14, 768-dim tokens, 16x16 at 224 px
+AUGMENT_POLICY = "color,translation,cutout,flip"  # DiffAugment on D's inputs, as the authors' code
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Config:
     exact_gp: bool = False              # ablation: exact R1/R2 by double backward instead
     repa_weight: float = 1.0            # 0 = the no-REPA ablation (no teacher is loaded)
     repa_teacher: str = REPA_TEACHER    # timm name of the frozen representation teacher
-    flip_prob: float = 0.4              # DiffAugment horizontal flip probability
+    augment: str = AUGMENT_POLICY       # DiffAugment operations on D's inputs ("" = none)
     # optimisation
     base_lr: float = 2e-4               # width-aware: lr = base_lr * 768 / width, for G and D each
     beta1: float = 0.0
@@ -117,7 +118,9 @@ DIGITS_PRESET = dict(
     size="tiny", patch=2,               # 8x8 pixels -> 4x4 = 16 tokens
     batch_size=32, num_workers=0,       # small data in memory: no workers needed
     repa_weight=0.0,                    # no representation teacher exists for 8x8 digits
-    flip_prob=0.0,                      # a mirrored 2 or 7 is no longer that digit
+    augment="",                         # a 1-pixel shift or a 4x4 cutout is a large change to an 8x8 digit:
+                                        # measured to halve the pace of class learning and prolong the
+                                        # within-class collapse; and a mirrored 2 or 7 is no longer that digit
     ema_decay=0.99,                     # a 0.999 EMA lags far behind in a run of ~2,000 iterations
     steps=100_000, max_minutes=9.0,     # the wall clock decides: stop after 9 minutes
     log_every=25, sample_every=250, ckpt_every=250, snapshot_every=0,
@@ -191,8 +194,9 @@ class Attention(nn.Module):
     def forward(self, x, rope):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
-        q = apply_rope(self.q_norm(q), *rope).to(v.dtype)
-        k = apply_rope(self.k_norm(k), *rope).to(v.dtype)
+        # the norms' weights cast to the activations' dtype keep bf16 autocast on the fused kernel
+        q = apply_rope(F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), 1e-6), *rope).to(v.dtype)
+        k = apply_rope(F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), 1e-6), *rope).to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, hd]
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
@@ -303,8 +307,12 @@ class Generator(nn.Module):
     def forward(self, z, y, truncation=0.0):
         """Returns (levels [K, B, channels, H, W] coarse to fine, w [B, C]); levels[-1] is the image."""
         w = self.style(z, y, truncation)
+        return self.synthesis(w), w
+
+    def synthesis(self, w):
+        """Style w [B, C] -> levels [K, B, channels, H, W] (interpolations in w call this directly)."""
         silu_w = F.silu(w)  # shared by every modulation layer
-        x = self.tokens.expand(z.shape[0], -1, -1).to(w.dtype)  # [B, T, C]
+        x = self.tokens.expand(w.shape[0], -1, -1).to(w.dtype)  # [B, T, C]
         levels, out = [], 0
         for i, x in enumerate(run_blocks(self.blocks, x, silu_w, (self.rope_cos, self.rope_sin),
                                          grad_ckpt=self.grad_ckpt)):
@@ -312,7 +320,7 @@ class Generator(nn.Module):
                 head = self.heads[self.head_after.index(i)]
                 out = out + unpatchify(head(x, silu_w), self.patch, self.channels)
                 levels.append(out)
-        return torch.stack(levels), w
+        return torch.stack(levels)
 
     @torch.no_grad()
     def generate(self, z, y, truncation=0.0):
@@ -423,23 +431,28 @@ def mng_perturb(levels, eps):
 
 # ------------------------------------------------------------------------------------------------
 # 6. Augmentation: DiffAugment (color on half the batch, translation by up to 1/8, cutout of half
-# size, horizontal flip) on latents, always on. Parameters are drawn once per sample and shared by all
-# K levels and by a penalty's nudged copy, so D compares like with like. The REPA teacher's image gets
-# the same translation and flip, scaled to its own size (the same fraction of the image: the authors'
-# code divides where it should multiply and moves the teacher image by about one pixel).
+# size, horizontal flip with probability 0.4) on latents, always on for ImageNet. Parameters are drawn
+# once per sample and shared by all K levels and by a penalty's nudged copy, so D compares like with
+# like. The REPA teacher's image gets the same translation and flip, scaled to its own size (the same
+# fraction of the image: the authors' code divides where it should multiply and moves the teacher
+# image by about one pixel). `policy` names the operations used; the others are simply not drawn.
 # ------------------------------------------------------------------------------------------------
-def sample_augment(B, size, device, flip_prob=0.4):
+def sample_augment(B, size, device, policy=AUGMENT_POLICY):
     u = lambda: torch.rand(B, device=device)
-    shift = int(size * 0.125 + 0.5)
-    cut = int(size * 0.5 + 0.5)
-    return dict(
-        color=u() < 0.5, brightness=u() - 0.5, saturation=2 * u(), contrast=u() + 0.5,
-        tx=torch.randint(-shift, shift + 1, (B,), device=device) / size,  # fractions of the image
-        ty=torch.randint(-shift, shift + 1, (B,), device=device) / size,
-        cut_x=torch.randint(0, size + 1 - cut % 2, (B,), device=device) / size,
-        cut_y=torch.randint(0, size + 1 - cut % 2, (B,), device=device) / size,
-        flip=u() < flip_prob,
-    )
+    ops, p = policy.split(","), {}
+    if "color" in ops:
+        p.update(color=u() < 0.5, brightness=u() - 0.5, saturation=2 * u(), contrast=u() + 0.5)
+    if "translation" in ops:
+        shift = int(size * 0.125 + 0.5)
+        p.update(tx=torch.randint(-shift, shift + 1, (B,), device=device) / size,  # fractions of the image
+                 ty=torch.randint(-shift, shift + 1, (B,), device=device) / size)
+    if "cutout" in ops:
+        cut = int(size * 0.5 + 0.5)
+        p.update(cut_x=torch.randint(0, size + 1 - cut % 2, (B,), device=device) / size,
+                 cut_y=torch.randint(0, size + 1 - cut % 2, (B,), device=device) / size)
+    if "flip" in ops:
+        p.update(flip=u() < 0.4)
+    return p
 
 
 def translate(x, tx, ty):
@@ -455,16 +468,16 @@ def translate(x, tx, ty):
 
 def augment(x, p, teacher=False):
     """x: [..., B, C, H, W] (leading level dim allowed). The teacher image gets translation and flip only."""
-    if not teacher:
-        c = p["color"][:, None, None, None]
+    if "color" in p and not teacher:
         y = x + p["brightness"][:, None, None, None]
         m = y.mean(dim=-3, keepdim=True)
         y = (y - m) * p["saturation"][:, None, None, None] + m
         m = y.mean(dim=(-3, -2, -1), keepdim=True)
         y = (y - m) * p["contrast"][:, None, None, None] + m
-        x = torch.where(c, y, x)
-    x = translate(x, p["tx"], p["ty"])
-    if not teacher:
+        x = torch.where(p["color"][:, None, None, None], y, x)
+    if "tx" in p:
+        x = translate(x, p["tx"], p["ty"])
+    if "cut_x" in p and not teacher:
         H, W = x.shape[-2:]
         cut = int(H * 0.5 + 0.5)
         r0 = (p["cut_x"] * H).round().long()[:, None] - cut // 2  # [B, 1]
@@ -472,7 +485,9 @@ def augment(x, p, teacher=False):
         r, c = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
         hole = ((r >= r0) & (r < r0 + cut))[:, :, None] & ((c >= c0) & (c < c0 + cut))[:, None, :]  # [B, H, W]
         x = x * (~hole)[:, None]
-    return torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    if "flip" in p:
+        x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
+    return x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,8 +548,8 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     same MNG noise as x. REPA features are read on the first B rows (the clean reals) only."""
     K, B = fake_levels.shape[:2]
     size = x_real.shape[-1]
-    aug_real = sample_augment(B, size, x_real.device, cfg.flip_prob)
-    aug_fake = sample_augment(B, size, x_real.device, cfg.flip_prob)
+    aug_real = sample_augment(B, size, x_real.device, cfg.augment)
+    aug_fake = sample_augment(B, size, x_real.device, cfg.augment)
     real_levels = x_real.expand(K, *x_real.shape)  # the same real at every level, its own noise draw
     eps_real, eps_fake = torch.randn_like(real_levels), torch.randn_like(fake_levels)
     see = lambda lv, aug, eps: levels_to_channels(mng_perturb(augment(lv, aug), eps))
@@ -573,8 +588,8 @@ def g_loss(D, fake_levels, x_real, y, cfg):
     for G), D(fake) with gradient flowing back into G. D's weights are frozen by the caller."""
     K, B = fake_levels.shape[:2]
     size = x_real.shape[-1]
-    aug_real = sample_augment(B, size, x_real.device, cfg.flip_prob)
-    aug_fake = sample_augment(B, size, x_real.device, cfg.flip_prob)
+    aug_real = sample_augment(B, size, x_real.device, cfg.augment)
+    aug_fake = sample_augment(B, size, x_real.device, cfg.augment)
     real_levels = x_real.expand(K, *x_real.shape)
     with torch.no_grad():
         l_real = D(levels_to_channels(mng_perturb(augment(real_levels, aug_real), torch.randn_like(real_levels))), y)[0]
@@ -825,7 +840,11 @@ def batch_iterator(data, cfg, rank, world, start, device):
         yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast):
+def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
+    """One iteration. models: G and D as called in the D step (DDP / compiled wrappers), the plain
+    modules G_raw and D_raw, G_ema, and D_frozen, the (compiled) D that the G step calls outside DDP:
+    D's weights get no gradient there, so there is nothing to synchronise."""
+    G, D, G_raw, D_raw, G_ema, D_frozen = models
     x_real, images, y = batch
     z = torch.randn(x_real.shape[0], cfg.z_dim, device=x_real.device)
     # D step: G's output is a constant here
@@ -841,7 +860,7 @@ def train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, aut
     D_raw.requires_grad_(False)
     with autocast:
         fake, w = G(z, y)
-        loss_G = g_loss(D_frozen_call(D_raw, cfg), fake, x_real, y, cfg)
+        loss_G = g_loss(D_frozen, fake, x_real, y, cfg)
     opt_G.zero_grad(set_to_none=True)
     loss_G.backward()
     gn_G = nn.utils.clip_grad_norm_(G_raw.parameters(), cfg.grad_clip)
@@ -851,16 +870,6 @@ def train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, aut
     update_ema(G_ema, G_raw, cfg.ema_decay)
     return dict(loss_D=loss_D.detach(), loss_G=loss_G.detach(), grad_norm_D=gn_D, grad_norm_G=gn_G,
                 **{k: v.detach() for k, v in logs.items()})
-
-
-_COMPILED = {}
-
-
-def D_frozen_call(D_raw, cfg):
-    """The G step calls D outside DDP (its weights get no gradient, so there is nothing to sync)."""
-    if cfg.compile and id(D_raw) not in _COMPILED:
-        _COMPILED[id(D_raw)] = torch.compile(D_raw)
-    return _COMPILED.get(id(D_raw), D_raw)
 
 
 def save_grid(images, nrow, path):
@@ -906,16 +915,17 @@ def build_models(cfg, device, pretrained_teacher=True):
     return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
 
 
-def wrap_models(G_raw, D_raw, cfg, world, device):
-    """DDP (several processes) and torch.compile around G and D; and the autocast context."""
-    G, D = G_raw, D_raw
+def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
+    """DDP (several processes) and torch.compile around G and D -> (models for train_step, autocast)."""
+    G, D, D_frozen = G_raw, D_raw, D_raw
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         G = nn.parallel.DistributedDataParallel(G_raw, device_ids=ids, broadcast_buffers=False)
         D = nn.parallel.DistributedDataParallel(D_raw, device_ids=ids, broadcast_buffers=False)
     if cfg.compile:
-        G, D = torch.compile(G), torch.compile(D)
-    return G, D, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+        G, D, D_frozen = torch.compile(G), torch.compile(D), torch.compile(D_raw)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
+    return (G, D, G_raw, D_raw, G_ema, D_frozen), autocast
 
 
 def use_bf16(cfg, device):
@@ -962,13 +972,14 @@ def train(cfg):
             print(f"resumed from {resume_path} at step {step}")
     else:
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
-    G, D, autocast = wrap_models(G_raw, D_raw, cfg, world, device)
+    models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
 
     # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
     grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
     grid_y = torch.tensor(grid_classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
     grid_z = torch.randn(len(grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
-    with torch.random.fork_rng(devices=[]):  # the judge's training must not shift the run's random stream
+    with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's random stream nor depends on it
+        torch.manual_seed(0)
         judge = DigitsJudge(data, device) if cfg.data_kind == "pixel" else None
     vae_box = {}
 
@@ -995,7 +1006,7 @@ def train(cfg):
               f"{world} process(es) on {device}, {'bf16' if use_bf16(cfg, device) else 'fp32'}; run dir {run_dir}")
     stop_reason = None
     for batch in batch_iterator(data, cfg, rank, world, step, device):
-        out = train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast)
+        out = train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
         for k, v in out.items():
             sums[k] = sums.get(k, 0) + v.float()
         n_sum += 1
@@ -1241,7 +1252,7 @@ def benchmark(cfg, warmup=3, iters=10):
     torch.manual_seed(cfg.seed)
     G_raw, D_raw, G_ema, teacher = build_models(cfg, device, pretrained_teacher=False)  # random weights: same speed
     opt_G, opt_D = make_optimizer(G_raw, cfg, device), make_optimizer(D_raw, cfg, device)
-    G, D, autocast = wrap_models(G_raw, D_raw, cfg, 1, device)
+    models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, 1, device)
     b = cfg.batch_size
     batch = (torch.randn(b, 4, 32, 32, device=device), torch.randint(0, 256, (b, 256, 256, 3), dtype=torch.uint8, device=device),
              torch.randint(0, 1000, (b,), device=device))
@@ -1249,11 +1260,11 @@ def benchmark(cfg, warmup=3, iters=10):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast)
+        train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
     sync()
     t0 = time.perf_counter()
     for _ in range(iters):
-        out = train_step(G, D, G_raw, D_raw, G_ema, opt_G, opt_D, teacher, batch, cfg, autocast)
+        out = train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
     sync()
     dt = (time.perf_counter() - t0) / iters
     assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"

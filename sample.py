@@ -131,16 +131,6 @@ def decode(vae, x):
     return x if vae is None else gat.decode_latents(vae, x, batch=len(x))
 
 
-def synthesize(G, w):
-    """Images from styles w [B, C]. gat.Generator has no entry point after its mapping network, so its
-    style() is shadowed for this one call by one that returns w (the z and y passed are then unused)."""
-    G.style = lambda z, y, truncation: w
-    try:
-        return G.generate(w.new_zeros(len(w), G.z_dim), torch.zeros(len(w), dtype=torch.long, device=w.device))
-    finally:
-        del G.style
-
-
 def to_uint8(x):
     """[-1, 1] float [B, 1 or 3, H, W] -> uint8 [B, H, W, 3]. Quantised as ADM and the authors' sampler do
     ((x + 1) * 127.5, clamped, truncated to an integer); grayscale pixel data gets three equal channels."""
@@ -270,7 +260,7 @@ def sample_interpolation(G, cfg, vae, args, device):
     alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]
     with autocast(device):
         w = G.style(z.to(device), torch.tensor([classes[0], classes[-1]], device=device), t)  # [2, C]
-        x = torch.cat([decode(vae, synthesize(G, a)) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
+        x = torch.cat([decode(vae, G.synthesis(a)[-1]) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
     name = f"interp_seed{args.seed}_{i}-{j}_class{'-'.join(map(str, classes))}_trunc{t:g}"
     frame_dir = os.path.join(args.out, name)
     os.makedirs(frame_dir, exist_ok=True)
