@@ -872,12 +872,14 @@ def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
                 **{k: v.detach() for k, v in logs.items()})
 
 
-def save_grid(images, nrow, path):
-    """images: float [N, C, H, W] in [-1, 1] -> one PNG, nrow images per row."""
+def save_grid(images, nrow, path, pad=1):
+    """images: float [N, C, H, W] in [-1, 1] -> one PNG, nrow images per row, separated by grey lines."""
     from PIL import Image
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    x = F.pad(images.float().clamp(-1, 1), (0, pad, 0, pad), value=0.0)  # grey right/bottom border
+    x = ((x + 1) * 127.5).round().to(torch.uint8).cpu()
     N, C, H, W = x.shape
     x = x.view(N // nrow, nrow, C, H, W).permute(0, 3, 1, 4, 2).reshape((N // nrow) * H, nrow * W, C)  # [rows*H, nrow*W, C]
+    x = F.pad(x.permute(2, 0, 1), (pad, 0, pad, 0), value=128).permute(1, 2, 0)  # close the top/left edge
     Image.fromarray(x.squeeze(-1).numpy() if C == 1 else x.numpy()).save(path)
 
 
@@ -1245,8 +1247,9 @@ def cpu_matmul_peak(n=1024, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
-def benchmark(cfg, warmup=3, iters=10):
+def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    warmup, iters = warmup or (3 if device.type == "cuda" else 1), iters or (10 if device.type == "cuda" else 3)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     torch.manual_seed(cfg.seed)

@@ -724,10 +724,19 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
     np.testing.assert_allclose(moments[valid].astype(np.float32), want, rtol=2e-3, atol=1e-4)
     assert (moments[valid][:, 4:] > 0).all()
 
-    import gat  # the reader accepts the folder and trains on exactly the valid slots
-
-    data = gat.load_latent_dataset(str(out))
+    data = gat.load_latent_dataset(str(out))  # the reader accepts the folder and uses exactly the valid slots
     assert data["index"].tolist() == np.flatnonzero(valid).tolist() and data["num_classes"] == 5
+
+
+def test_prep_output_trains_a_gat_step(_prep_reference, _prep_vae, tmp_path, monkeypatch):
+    teacher = tiny_teacher()
+    monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True: teacher)
+    cfg = gat.Config(size="tiny", data=str(_prep_reference), results=str(tmp_path), run="p", batch_size=4,
+                     num_workers=0, steps=1, sample_every=0)
+    gat.train(cfg)  # 32-px crops -> 4x4 latents, REPA on the crops, the grid decoded by the manifest's VAE
+    ckpt = ckpt_of(tmp_path, "p")
+    assert ckpt["step"] == 1 and ckpt["config"]["num_classes"] == 5 and ckpt["config"]["vae"] == _prep_vae
+    assert math.isfinite(json.loads(open(tmp_path / "p" / "metrics.jsonl").readline())["repa_cls"])
 
 
 def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path, monkeypatch):
@@ -953,8 +962,8 @@ def test_sample_grid_rows_classes_columns_seeds_blocks_truncations(_sample_pixel
     _sample_run("--ckpt", _sample_pixel_ckpt, "--grid", "--classes", "0,1,2", "--cols", 4, "--truncation", 0, 1,
                 "--out", tmp_path)
     im = np.asarray(Image.open(tmp_path / "grid_seed0_trunc0-1.png"))
-    assert im.shape == (3 * 8, 2 * 4 * 8)  # 3 class rows; 2 truncation blocks of 4 columns; grayscale
-    tiles = im.reshape(3, 8, 8, 8).transpose(0, 2, 1, 3)  # [row, column, 8, 8]
+    assert im.shape == (3 * 9 + 1, 2 * 4 * 9 + 1)  # 3 class rows; 2 truncation blocks of 4 columns; 1-px lines
+    tiles = im[1:, 1:].reshape(3, 9, 8, 9)[:, :8, :, :8].transpose(0, 2, 1, 3)  # [row, column, 8, 8]
     assert all((tiles[r, 4:] == tiles[r, 4]).all() for r in range(3))  # truncation 1: one image per class
     assert all(len({t.tobytes() for t in tiles[r, :4]}) == 4 for r in range(3))  # truncation 0: one per seed
     assert (tiles[0, 4] != tiles[1, 4]).any()
@@ -970,9 +979,9 @@ def test_sample_interpolation_ends_at_the_two_images(_sample_pixel_ckpt, tmp_pat
                     "--out", tmp_path)
         name = f"interp_seed0_{i}-{j}_class{classes.replace(',', '-')}_trunc0"
         strip = np.asarray(Image.open(tmp_path / f"{name}.png"))
-        assert strip.shape == (8, 5 * 8) and sorted(os.listdir(tmp_path / name)) == [f"{k:03d}.png" for k in range(5)]
+        assert strip.shape == (9 + 1, 5 * 9 + 1) and sorted(os.listdir(tmp_path / name)) == [f"{k:03d}.png" for k in range(5)]
         expected = rounded(G.generate(ends[1], torch.tensor(ends[0])))
-        frames = strip.reshape(8, 5, 8).transpose(1, 0, 2)  # [frame, 8, 8]
+        frames = strip[1:, 1:].reshape(9, 5, 9)[:8, :, :8].transpose(1, 0, 2)  # [frame, 8, 8]
         assert np.abs(frames[[0, -1]].astype(int) - expected).max() <= 1
         assert (frames[2] != frames[0]).any() and (frames[2] != frames[-1]).any()
 
@@ -1012,7 +1021,7 @@ def test_sample_latent_checkpoint_decodes_with_a_vae_given_by_path(tmp_path, cap
     expected = sample.to_uint8(gat.decode_latents(vae, G.generate(z, torch.from_numpy(y)))).numpy()
     assert np.abs(x.astype(int) - expected).max() <= 1 and x.std() > 1
     _sample_run("--ckpt", ckpt, "--grid", "--cols", 2, "--out", tmp_path / "g")  # rows default to all 3 classes
-    assert Image.open(tmp_path / "g" / "grid_seed0_trunc0.png").size == (2 * 32, 3 * 32)
+    assert Image.open(tmp_path / "g" / "grid_seed0_trunc0.png").size == (2 * 33 + 1, 3 * 33 + 1)
     # a VAE path that is gone, overridden by --vae, or not a VAE: clear errors; a good --vae rescues
     missing = _sample_save_checkpoint(tmp_path / "missing.pt", num_classes=3, channels=4, input_size=4,
                                       data_kind="latent", vae=str(tmp_path / "moved_vae"))
