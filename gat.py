@@ -1111,6 +1111,8 @@ class DigitsJudge:
     """A small MLP classifier trained on the held-out real digits (which the GAN never sees); its
     hidden layer is the feature space of the feature Frechet distance."""
 
+    COLLAPSED_BELOW = 0.5  # spread of collapsed prototypes: 0.27-0.41; of working runs: 0.7 and more
+
     def __init__(self, data, device, n_samples=1000):
         self.data, self.device, self.n = data, device, n_samples
         gen = torch.Generator().manual_seed(0)
@@ -1154,6 +1156,7 @@ class DigitsJudge:
                    spread=class_spread(pix, self.y_eval.numpy(), 10) / self.real_spread,
                    fd_pixel=frechet_distance(pix, self.held["pix"]),
                    fd_feature=frechet_distance(self.features(x), self.held["feat"]))
+        out["collapsed"] = out["spread"] < self.COLLAPSED_BELOW
         if final:
             out.update(judge_accuracy=self.accuracy, fd_pixel_real_floor=self.floor["fd_pixel"],
                        fd_feature_real_floor=self.floor["fd_feature"], fd_pixel_class_means=self.collapsed["fd_pixel"],
@@ -1163,7 +1166,8 @@ class DigitsJudge:
     def report(self, s, step, minutes):
         return (f"digits demo after {step} iterations, {minutes:.1f} min:\n"
                 f"  class agreement   {s['agreement']:.1%}   (judge's accuracy on real digits {s['judge_accuracy']:.1%})\n"
-                f"  within-class spread {s['spread']:.2f} x real   (1.0 = as varied as real; ~0 = collapsed)\n"
+                f"  within-class spread {s['spread']:.2f} x real   (1.0 = as varied as real; below {self.COLLAPSED_BELOW} = "
+                f"collapsed){'   <- COLLAPSED: G draws about one digit per class whatever z is' if s['collapsed'] else ''}\n"
                 f"  pixel FD          {s['fd_pixel']:.1f}   (real vs held-out real {s['fd_pixel_real_floor']:.1f}; "
                 f"class means repeated {s['fd_pixel_class_means']:.1f})\n"
                 f"  feature FD        {s['fd_feature']:.2f}   (real vs held-out real {s['fd_feature_real_floor']:.2f}; "
@@ -1209,10 +1213,11 @@ def training_fid(G_ema, cfg, rank, world, device, vae_box, batch=50):
 GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
 
 
-def vit_forward_flops(depth, width, tokens, ffn_hidden, heads_out=0):
-    """Matmul FLOPs of one sample through `depth` pre-norm blocks (qkv, attention, proj, FFN)."""
+def vit_forward_flops(depth, width, tokens, ffn_hidden, ffn_matrices=3, extra=0):
+    """Matmul FLOPs of one sample through `depth` pre-norm blocks (qkv, attention, proj, FFN with 3
+    hidden-sized matrices for SwiGLU or 2 for a GELU MLP), plus `extra`."""
     attn = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width + 2 * tokens * width * width
-    return depth * (attn + 2 * tokens * width * ffn_hidden * 3) + heads_out
+    return depth * (attn + 2 * tokens * width * ffn_hidden * ffn_matrices) + extra
 
 
 def model_flops(cfg, teacher=None):
@@ -1224,27 +1229,32 @@ def model_flops(cfg, teacher=None):
     hidden = int(2 / 3 * 4 * C)
     mod = 2 * C * 4 * C * m["depth"] + cfg.num_levels * 2 * C * C  # per-sample modulation
     heads = cfg.num_levels * 2 * T * C * cfg.patch ** 2 * cfg.channels
-    g = vit_forward_flops(m["depth"], C, T, hidden, heads + mod + 2 * (2 * cfg.z_dim * C + C * C))
-    d = vit_forward_flops(m["depth"], C, T + 1, hidden, 2 * T * cfg.num_levels * cfg.channels * cfg.patch ** 2 * C
+    g = vit_forward_flops(m["depth"], C, T, hidden, extra=heads + mod + 2 * (2 * cfg.z_dim * C + C * C))
+    d = vit_forward_flops(m["depth"], C, T + 1, hidden, extra=2 * T * cfg.num_levels * cfg.channels * cfg.patch ** 2 * C
                           + 2 * C * P + 2 * 2 * P * P)
     repa = t = 0
     if teacher is not None:
         repa = 2 * (T + 1) * (C * P + P * P + P * teacher.embed_dim)
         tt = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
-        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, tt, 4 * teacher.embed_dim)
+        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, tt, 4 * teacher.embed_dim, ffn_matrices=2,
+                              extra=2 * teacher.patch_embed.num_patches * 3 * 14 * 14 * teacher.embed_dim)
     per_iter = g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa
     return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
 
 
-def cpu_matmul_peak(n=1024, reps=20):
-    """The fp32 matmul rate this CPU reaches right now (the reference for CPU MFU)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
+def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
+    """The best fp32 matmul rate this CPU reaches right now over a few square sizes (the CPU's MFU
+    reference), each timed for about `seconds` after a warm-up."""
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
         a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+        reps, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+    return best
 
 
 def benchmark(cfg, warmup=None, iters=None):

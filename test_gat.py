@@ -568,6 +568,30 @@ def test_training_time_fid_is_logged(tmp_path, monkeypatch):
         gat.train(digits_cfg(tmp_path, run="nofid", steps=2, fid_every=2))
 
 
+def test_collapsed_generator_is_reported_as_collapsed():
+    """A G that ignores z (its mapping's z columns zeroed) scores spread 0 and is flagged, while a 'G'
+    that returns real held-out digits of the asked class scores about 1 and is not."""
+    data = gat.load_digits_dataset()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        judge = gat.DigitsJudge(data, torch.device("cpu"))
+    G, _ = tiny_models()
+    G.mapping[0].weight.data[:, G.z_dim:] = 0  # w = mapping([class vector, z]): the z half no longer matters
+    s = judge.evaluate(G, final=True)
+    assert s["spread"] < 1e-3 and s["collapsed"] and "COLLAPSED" in judge.report(s, 0, 0.0)
+
+    class RealDigits:  # draws a different held-out digit of the class for every z
+        z_dim = 64
+
+        def generate(self, z, y):
+            pick = [int(i) for i in (z[:, 0].abs() * 1e4).long()]
+            pools = [data["x_held"][data["y_held"] == c] for c in range(10)]
+            return torch.stack([pools[c][i % len(pools[c])] for c, i in zip(y.tolist(), pick)])
+    s = judge.evaluate(RealDigits(), final=True)
+    assert s["spread"] > 0.8 and not s["collapsed"] and s["agreement"] > 0.9
+    assert s["fd_pixel"] < s["fd_pixel_class_means"] / 3
+
+
 def test_benchmark_smoke():
     cfg = gat.Config(size="tiny", batch_size=2, repa_weight=0.0, device="cpu")
     r = gat.benchmark(cfg, warmup=1, iters=1)
