@@ -16,7 +16,8 @@ the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in
  10. checkpoints       atomic writes, exact resume
  11. training loop     one D step then one G step per iteration; DDP via torchrun
  12. demo evaluation   class agreement, within-class spread and Frechet distances on the digits
- 13. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
+ 13. training FID      FID-5K of the EMA G during training, spread over all ranks (uses fid.py)
+ 14. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
 
 Run:
   python gat.py --data digits                            # CPU demo: tiny GAT on 8x8 digits, < 10 min
@@ -33,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -975,6 +976,7 @@ def train(cfg):
     else:
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
     models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
+    flops_per_image = model_flops(cfg, teacher)["per_iteration"]  # for the logged TFLOP/s and MFU
 
     # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
     grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
@@ -1040,8 +1042,10 @@ def train(cfg):
         metrics.update(step=step, lr_G=opt_G.param_groups[0]["lr"], lr_D=opt_D.param_groups[0]["lr"],
                        images_per_s=n_sum * cfg.batch_size / max(elapsed, 1e-9),
                        minutes=(time.time() - t_start) / 60)
+        metrics["model_tflops"] = flops_per_image * metrics["images_per_s"] / world / 1e12  # per process
         if device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(device)[0]
         if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
             if master:
                 write_sample_grid(G_ema, cfg, grid_z, grid_y,
@@ -1054,7 +1058,8 @@ def train(cfg):
             log_file.write(json.dumps(metrics) + "\n")
             log_file.flush()
             bar.set_postfix(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}",
-                            r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}")
+                            r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}",
+                            **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
         sums, n_sum, t_last, step_last = {}, 0, time.time(), step
         if vals[-1] > 0:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
@@ -1175,7 +1180,7 @@ class DigitsJudge:
 
 
 # ------------------------------------------------------------------------------------------------
-# Training-time FID, as the authors monitor it: FID-5K of the EMA G (fixed z and uniformly random
+# 13. Training-time FID, as the authors monitor it: FID-5K of the EMA G (fixed z and uniformly random
 # classes) against reference statistics. Every rank generates and scores its share and the features
 # are all-gathered, so no rank waits on another beyond the gather itself. FID-5K is biased upward
 # against FID-50K: use it for trends, not for comparison with papers.
@@ -1206,11 +1211,20 @@ def training_fid(G_ema, cfg, rank, world, device, vae_box, batch=50):
 
 
 # ------------------------------------------------------------------------------------------------
-# 13. Benchmark: full training iterations on random data of the real shapes, timed after warm-up,
+# 14. Benchmark: full training iterations on random data of the real shapes, timed after warm-up,
 # with model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so MFU says
 # how much of the device's matmul peak the step turns into model arithmetic.
 # ------------------------------------------------------------------------------------------------
 GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
+
+
+def gpu_peak_flops(device):
+    """(datasheet bf16 dense peak in FLOP/s or nan, its description) for the GPU's name."""
+    name = torch.cuda.get_device_name(device)
+    key = next((k for k in GPU_BF16_PEAK_TFLOPS if k in name), None)
+    if key is None:
+        return float("nan"), f"{name}: peak unknown"
+    return GPU_BF16_PEAK_TFLOPS[key] * 1e12, f"{name} datasheet bf16 dense peak {GPU_BF16_PEAK_TFLOPS[key]:.0f} TFLOP/s"
 
 
 def vit_forward_flops(depth, width, tokens, ffn_hidden, ffn_matrices=3, extra=0):
@@ -1284,10 +1298,7 @@ def benchmark(cfg, warmup=None, iters=None):
     flops = model_flops(cfg, teacher)
     achieved = flops["per_iteration"] * b / dt
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak_name = next((k for k in GPU_BF16_PEAK_TFLOPS if k in name), None)
-        peak = GPU_BF16_PEAK_TFLOPS[peak_name] * 1e12 if peak_name else float("nan")
-        peak_what = f"{name} datasheet bf16 dense peak {peak / 1e12:.0f} TFLOP/s" if peak_name else f"{name}: peak unknown"
+        peak, peak_what = gpu_peak_flops(device)
         mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB GPU"
     else:
         import resource
