@@ -891,9 +891,17 @@ def decode_latents(vae, latents, batch=32):
 
 
 def load_vae(name, device):
+    """The SD-VAE (diffusers AutoencoderKL) by hub name or local folder; bf16 on GPU."""
     from diffusers.models import AutoencoderKL
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return AutoencoderKL.from_pretrained(name, torch_dtype=dtype).to(device).eval().requires_grad_(False)
+    try:
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+    except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
+        where = ("is not a folder holding an AutoencoderKL" if os.path.exists(name) else
+                 "is neither a local folder nor a hub model available here (offline? not cached?)")
+        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR (a folder saved with "
+                         f"AutoencoderKL.save_pretrained). Cause: {type(e).__name__}: {e}") from e
+    return vae.to(device).eval().requires_grad_(False)
 
 
 GRID_COLUMNS = {"latent": 8, "pixel": 10}
@@ -976,6 +984,9 @@ def train(cfg):
     else:
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
     models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
+    vae_box = {}
+    if master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
+        vae_box["vae"] = load_vae(cfg.vae, device)
     flops_per_image = model_flops(cfg, teacher)["per_iteration"]  # for the logged TFLOP/s and MFU
 
     # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
@@ -985,7 +996,6 @@ def train(cfg):
     with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's random stream nor depends on it
         torch.manual_seed(0)
         judge = DigitsJudge(data, device) if cfg.data_kind == "pixel" else None
-    vae_box = {}
 
     def checkpoint(path):
         state = dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), step=step, G=G_raw.state_dict(),

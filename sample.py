@@ -112,14 +112,7 @@ def load_model(args, device):
     if not name:
         raise ValueError(f"checkpoint '{args.ckpt}' names no VAE: give --vae (a folder saved with "
                          "AutoencoderKL.save_pretrained, or a hub name like stabilityai/sd-vae-ft-ema)")
-    try:
-        vae = gat.load_vae(name, device)
-    except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
-        where = "is not a folder holding an AutoencoderKL" if os.path.exists(name) else \
-            "is neither a local folder nor a hub model available here (HF_HUB_OFFLINE? not cached?)"
-        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR (saved with "
-                         f"AutoencoderKL.save_pretrained). Cause: {type(e).__name__}: {e}") from e
-    return G, cfg, vae
+    return G, cfg, gat.load_vae(name, device)
 
 
 def autocast(device):

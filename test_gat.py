@@ -474,6 +474,15 @@ def test_trains_on_latent_dataset_with_repa_and_workers(tmp_path, monkeypatch):
     assert all(l["repa_cls"] > 0 and math.isfinite(l["repa_patch"]) for l in lines)
 
 
+def test_missing_vae_fails_at_start_not_at_the_first_grid(tmp_path):
+    write_fake_latents(tmp_path / "lat")  # its manifest names the VAE "none"
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), run="v", batch_size=4,
+                     num_workers=0, steps=2, repa_weight=0.0)
+    with pytest.raises(ValueError, match="cannot load the VAE 'none'.*--vae DIR"):
+        gat.train(cfg)
+    assert not os.path.exists(tmp_path / "v" / "metrics.jsonl")  # refused before any training
+
+
 def test_incomplete_or_malformed_dataset_is_refused(tmp_path):
     write_fake_latents(tmp_path / "half", complete=False)
     with pytest.raises(gat.DataError, match="rerun the same prep_latents.py command"):
