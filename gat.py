@@ -177,7 +177,7 @@ def apply_rope(x, cos, sin):
     """x: [B, H, T, hd]; rotates each pair (x[2i], x[2i+1]) by the token's angle."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # [B, H, T, hd]
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, rotated, sin)  # x cos + rotated sin
 
 
 class Attention(nn.Module):
@@ -248,9 +248,9 @@ class GBlock(nn.Module):
 
     def forward(self, x, silu_w, rope):
         s1, g1, s2, g2 = self.modulation(silu_w).unsqueeze(1).chunk(4, dim=-1)  # 4 x [B, 1, C]
-        x = x + g1 * self.attn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s1), rope)
-        x = x + g2 * self.ffn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s2))
-        return x
+        # x + g * branch, fused into one pass (addcmul)
+        x = torch.addcmul(x, g1, self.attn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s1), rope))
+        return torch.addcmul(x, g2, self.ffn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s2)))
 
 
 class MNGHead(nn.Module):
@@ -313,7 +313,7 @@ class Generator(nn.Module):
     def synthesis(self, w):
         """Style w [B, C] -> levels [K, B, channels, H, W] (interpolations in w call this directly)."""
         silu_w = F.silu(w)  # shared by every modulation layer
-        x = self.tokens.expand(w.shape[0], -1, -1).to(w.dtype)  # [B, T, C]
+        x = self.tokens.expand(w.shape[0], -1, -1)  # [B, T, C]; the residual stream stays fp32 under autocast
         levels, out = [], 0
         for i, x in enumerate(run_blocks(self.blocks, x, silu_w, (self.rope_cos, self.rope_sin),
                                          grad_ckpt=self.grad_ckpt)):
@@ -356,8 +356,8 @@ class DBlock(nn.Module):
         self.ls2 = nn.Parameter(torch.full((width,), 0.1))
 
     def forward(self, x, rope):
-        x = x + self.ls1 * self.attn(self.norm1(x), rope)
-        return x + self.ls2 * self.ffn(self.norm2(x))
+        x = torch.addcmul(x, self.ls1, self.attn(self.norm1(x), rope))  # x + ls1 * branch in one pass
+        return torch.addcmul(x, self.ls2, self.ffn(self.norm2(x)))
 
 
 class Discriminator(nn.Module):
