@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -1363,16 +1364,18 @@ INTERNAL = {"num_classes", "channels", "input_size", "data_kind"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GAT: Scalable GANs with Transformers (train, demo, benchmark)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="GAT: Scalable GANs with Transformers (train, demo, benchmark). "
+                                "--data digits: the CPU demo preset (DIGITS_PRESET) under the flags given.")
+    import inspect  # each flag's help is its comment in Config
+    notes = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         if f.name in INTERNAL:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        flag, text = "--" + f.name.replace("_", "-"), f"{notes.get(f.name, '')} (default {f.default!r})"
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"(default {f.default!r})")
+            p.add_argument(flag, type=type(f.default), default=None, help=text)
     p.add_argument("--no-mng", action="store_true", help="ablation: one output level, no MNG noise")
     p.add_argument("--bench", action="store_true", help="measure speed on random data instead of training")
     args = vars(p.parse_args(argv))
