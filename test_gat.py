@@ -474,6 +474,7 @@ def test_trains_on_latent_dataset_with_repa_and_workers(tmp_path, monkeypatch):
     assert all(l["repa_cls"] > 0 and math.isfinite(l["repa_patch"]) for l in lines)
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
 def test_missing_vae_fails_at_start_not_at_the_first_grid(tmp_path):
     write_fake_latents(tmp_path / "lat")  # its manifest names the VAE "none"
     cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), run="v", batch_size=4,
