@@ -789,10 +789,12 @@ def set_rng_state(state, device):
 
 # ------------------------------------------------------------------------------------------------
 # 11. Training loop. Per iteration, as in the paper: one D step, then one G step on the same real
-# batch, labels and z; then the EMA of G and the class means of w. Forward passes per iteration:
-# G once without grad (D step) and once with (G step); D once over the 4B batch of the D step (reals,
-# fakes and their nudged copies for R1/R2) and twice in the G step (reals without grad, fakes with);
-# the teacher once. Host syncs (loss values, NaN check, stop flags) happen only at log steps.
+# batch, labels and z; then the EMA of G and the class means of w. Forward passes per iteration, each
+# needed: G without grad (the D step's fakes) and with grad (the G step); D once over the D step's 4B
+# batch (reals and fakes for the loss, their nudged copies for the approximated R1/R2: one batched pass
+# instead of four); in the G step D on reals without grad (the relativistic partner, a constant for G)
+# and on fakes with backward to the input (G's gradient); the REPA teacher once, on the reals. Host
+# syncs (loss values, NaN check, stop flags) happen only at log steps.
 # ------------------------------------------------------------------------------------------------
 STOP = {"signal": None}
 
