@@ -275,14 +275,22 @@ def unpatchify(x, patch, channels):
     return x.reshape(B, channels, g * patch, g * patch)
 
 
+def size_config(size, patch, input_size):
+    """MODEL_SIZES[size] checked against the patch: -> (its dict, width C, token grid side)."""
+    if size not in MODEL_SIZES or input_size % patch:
+        raise ValueError(f"size must be one of {list(MODEL_SIZES)} (got {size!r}) and the input side {input_size} "
+                         f"must divide by the patch {patch}")
+    return MODEL_SIZES[size], MODEL_SIZES[size]["width"], input_size // patch
+
+
 class Generator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, z_dim=64,
                  num_levels=4, grad_ckpt=False):
         super().__init__()
-        cfg = MODEL_SIZES[size]
-        C, depth, grid = cfg["width"], cfg["depth"], input_size // patch
-        if input_size % patch or depth % num_levels:
-            raise ValueError(f"input {input_size} must divide by patch {patch}, depth {depth} by K={num_levels}")
+        cfg, C, grid = size_config(size, patch, input_size)
+        depth = cfg["depth"]
+        if depth % num_levels:
+            raise ValueError(f"depth {depth} must divide by the number of MNG levels K={num_levels}")
         self.size, self.patch, self.channels, self.input_size = size, patch, channels, input_size
         self.num_classes, self.z_dim, self.width, self.grad_ckpt = num_classes, z_dim, C, grad_ckpt
         self.class_embed = nn.Embedding(num_classes, z_dim)
@@ -291,8 +299,9 @@ class Generator(nn.Module):
         self.heads = nn.ModuleList(MNGHead(C, patch, channels) for _ in range(num_levels))
         self.head_after = [(k + 1) * (depth // num_levels) - 1 for k in range(num_levels)]  # block index
         self.register_buffer("tokens", sincos_pos_embed(C, grid)[None], persistent=False)  # [1, T, C]
-        self.register_buffer("rope_cos", rope_2d(C // cfg["heads"], grid)[0], persistent=False)
-        self.register_buffer("rope_sin", rope_2d(C // cfg["heads"], grid)[1], persistent=False)
+        cos, sin = rope_2d(C // cfg["heads"], grid)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("w_avg", torch.zeros(num_classes, C))  # per-class running mean of w
         self.w_avg_beta = 0.995
         xavier_init(self)
@@ -366,8 +375,8 @@ class Discriminator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, num_levels=4,
                  repa_dim=768, grad_ckpt=False):
         super().__init__()
-        cfg = MODEL_SIZES[size]
-        C, P, grid = cfg["width"], cfg["proj_dim"], input_size // patch
+        cfg, C, grid = size_config(size, patch, input_size)
+        P = cfg["proj_dim"]
         self.size, self.patch, self.width, self.grad_ckpt = size, patch, C, grad_ckpt
         self.patch_embed = nn.Conv2d(num_levels * channels, C, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, C) * 0.02)

@@ -614,7 +614,6 @@ def test_benchmark_smoke():
 # ================================================================================================
 # prep_latents.py
 # ================================================================================================
-_PREP_REPO = os.path.dirname(os.path.abspath(__file__))
 # slot order: sorted classes, sorted files; "dog" is an empty class that must still take label 3
 _PREP_FILES = ["ant/a0.jpg", "ant/a1.png", "ant/a2.png", "ant/a3.JPEG",
                "bee/b0.jpg", "bee/b1.gif", "bee/b2.jpg", "bee/b3.bmp", "bee/b4.tif",
@@ -778,7 +777,7 @@ def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path
     args = _prep_args(_prep_tree, out, _prep_vae)
     # SIGKILL (no cleanup, no flush) when the loader reaches cat/c1.jpg, slot 10: shards 0-1 (slots 0-7) are
     # done, shard 2 is half written (slots 8-9), shard 3 untouched.
-    code = (f"import os, signal, sys; sys.path.insert(0, {_PREP_REPO!r}); import prep_latents\n"
+    code = (f"import os, signal, sys; sys.path.insert(0, {HERE!r}); import prep_latents\n"
             "load = prep_latents.load_image\n"
             "def dying(path, size):\n"
             "    if path.endswith('c1.jpg'):\n"
@@ -821,7 +820,7 @@ def test_prep_final_pass_catches_unwritten_slot(_prep_reference, _prep_tree, _pr
 def test_prep_two_ranks(_prep_reference, _prep_tree, _prep_vae, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(_PREP_REPO, "prep_latents.py"), *_prep_args(_prep_tree, out, _prep_vae), "--workers", "1"]
+           os.path.join(HERE, "prep_latents.py"), *_prep_args(_prep_tree, out, _prep_vae), "--workers", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # gloo on the CPU, 1 loader worker each
     assert proc.returncode == 0, proc.stderr[-3000:]
     slots = {0: set(), 1: set()}
@@ -888,7 +887,6 @@ def test_prep_ref_stats(tmp_path, _prep_vae):
 # ================================================================================================
 # sample.py
 # ================================================================================================
-_SAMPLE_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sample_save_checkpoint(path, **cfg_kw):
@@ -934,7 +932,7 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
     _sample_run(*args, "--out", tmp_path / "one")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "sample.py", *args, "--out", tmp_path / "two"], cwd=_SAMPLE_ROOT, env=env,
+                           "sample.py", *args, "--out", tmp_path / "two"], cwd=HERE, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "images/s on 2 process(es)" in proc.stdout
@@ -942,7 +940,7 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
     _sample_run(*args[:3], 1, *args[4:], "--no-png", "--out", tmp_path / "one_1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "sample.py", *args[:3], "1", *args[4:], "--no-png", "--out", tmp_path / "two_1"],
-                          cwd=_SAMPLE_ROOT, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one_1, two_1 = (tmp_path / d / "samples_1x8x8x3.npz" for d in ("one_1", "two_1"))
     assert one_1.read_bytes() == two_1.read_bytes()
