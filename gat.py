@@ -1312,15 +1312,22 @@ def loader_rate(cfg, device, batches=20):
     data = prepare_data(c)
     if c.data_kind != "latent":
         return float("nan")
-    c.steps = batches + 1
+    warmup = max(1, c.num_workers)  # one batch per worker: the workers have started and run in parallel
+    c.steps = warmup + batches
     it = batch_iterator(data, c, 0, 1, 0, device)
-    next(it)  # the workers start and fill their prefetch queues
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        next(it)
     t0 = time.perf_counter()
     for x, images, y in it:
         pass
-    sync()
+    device_sync(device)
     return batches * c.batch_size / (time.perf_counter() - t0)
+
+
+def device_sync(device):
+    """Waits for the device's queued work (timing only; the training step never calls this)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def benchmark(cfg, warmup=None, iters=None):
@@ -1338,7 +1345,7 @@ def benchmark(cfg, warmup=None, iters=None):
     b = cfg.batch_size
     batch = (torch.randn(b, 4, 32, 32, device=device), torch.randint(0, 256, (b, 256, 256, 3), dtype=torch.uint8, device=device),
              torch.randint(0, 1000, (b,), device=device))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = functools.partial(device_sync, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
