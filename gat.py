@@ -569,24 +569,24 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     size = x_real.shape[-1]
     aug_real = sample_augment(B, size, x_real.device, cfg.augment)
     aug_fake = sample_augment(B, size, x_real.device, cfg.augment)
-    real_levels = x_real.expand(K, *x_real.shape)  # the same real at every level, its own noise draw
-    eps_real, eps_fake = torch.randn_like(real_levels), torch.randn_like(fake_levels)
-    see = lambda lv, aug, eps: levels_to_channels(mng_perturb(augment(lv, aug), eps))
+    eps_real = torch.randn((K, *x_real.shape), device=x_real.device, dtype=x_real.dtype)  # own noise per level
+    eps_fake = torch.randn_like(fake_levels)
+    # a real is the same image at every level: augmented once, then repeated over the K levels
+    see_real = lambda x: levels_to_channels(mng_perturb(augment(x, aug_real).expand(K, *x.shape), eps_real))
+    see_fake = lambda levels: levels_to_channels(mng_perturb(augment(levels, aug_fake), eps_fake))
     repa_rows = B if teacher is not None else 0
     logs = {}
     if cfg.exact_gp:  # ablation: true R1/R2 by double backward (math attention kernel required)
         x_real, fake_levels = x_real.detach().requires_grad_(), fake_levels.detach().requires_grad_()
-        real_levels = x_real.expand(K, *x_real.shape)
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            logits, feats = D(torch.cat([see(real_levels, aug_real, eps_real), see(fake_levels, aug_fake, eps_fake)]),
-                              y.repeat(2), repa_rows)
+            logits, feats = D(torch.cat([see_real(x_real), see_fake(fake_levels)]), y.repeat(2), repa_rows)
             l_real, l_fake = logits.float().chunk(2)
             r1, r2 = exact_gradient_penalty(l_real, x_real), exact_gradient_penalty(l_fake, fake_levels)
     else:
-        nudged_real = (x_real + cfg.gp_sigma * torch.randn_like(x_real)).expand(K, *x_real.shape)
+        nudged_real = x_real + cfg.gp_sigma * torch.randn_like(x_real)
         nudged_fake = fake_levels + cfg.gp_sigma * torch.randn_like(fake_levels)
-        d_in = torch.cat([see(real_levels, aug_real, eps_real), see(nudged_real, aug_real, eps_real),
-                          see(fake_levels, aug_fake, eps_fake), see(nudged_fake, aug_fake, eps_fake)])  # [4B, K*C, H, W]
+        d_in = torch.cat([see_real(x_real), see_real(nudged_real),
+                          see_fake(fake_levels), see_fake(nudged_fake)])  # [4B, K*C, H, W]
         logits, feats = D(d_in, y.repeat(4), repa_rows)
         l_real, l_real_n, l_fake, l_fake_n = logits.float().chunk(4)
         r1 = approx_gradient_penalty(l_real, l_real_n, cfg.gp_sigma)
@@ -609,9 +609,9 @@ def g_loss(D, fake_levels, x_real, y, cfg):
     size = x_real.shape[-1]
     aug_real = sample_augment(B, size, x_real.device, cfg.augment)
     aug_fake = sample_augment(B, size, x_real.device, cfg.augment)
-    real_levels = x_real.expand(K, *x_real.shape)
     with torch.no_grad():
-        l_real = D(levels_to_channels(mng_perturb(augment(real_levels, aug_real), torch.randn_like(real_levels))), y)[0]
+        real_levels = augment(x_real, aug_real).expand(K, *x_real.shape)  # augmented once, as in d_loss
+        l_real = D(levels_to_channels(mng_perturb(real_levels, torch.randn_like(real_levels))), y)[0]
     l_fake = D(levels_to_channels(mng_perturb(augment(fake_levels, aug_fake), torch.randn_like(fake_levels))), y)[0]
     return relativistic_loss(l_fake.float(), l_real.float())
 
