@@ -914,29 +914,36 @@ def decode_latents(vae, latents, batch=32):
                       for i in range(0, len(latents), batch)])
 
 
-def load_vae(name, device):
-    """The SD-VAE (diffusers AutoencoderKL) by hub name or local folder; bf16 on GPU."""
+def load_vae(name, device, dtype=None):
+    """The SD-VAE (diffusers AutoencoderKL) by hub name or local folder; default dtype bf16 on GPU."""
     from diffusers.models import AutoencoderKL
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:  # low_cpu_mem_usage=False: the same load, without the request to install `accelerate`
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
     except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
         where = ("is not a folder holding an AutoencoderKL" if os.path.exists(name) else
                  "is neither a local folder nor a hub model available here (offline? not cached?)")
-        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR (a folder saved with "
-                         f"AutoencoderKL.save_pretrained). Cause: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
+                         "AutoencoderKL.save_pretrained (offline: on a machine with internet run AutoencoderKL"
+                         ".from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(DIR), copy DIR over and "
+                         f"pass --vae DIR). Cause: {type(e).__name__}: {e}") from e
     return vae.to(device).eval().requires_grad_(False)
+
+
+def lazy_vae(lazy, cfg, device):
+    """The run's VAE, loaded on first use into the dict of lazily loaded models."""
+    if "vae" not in lazy:
+        lazy["vae"] = load_vae(cfg.vae, device)
+    return lazy["vae"]
 
 
 GRID_COLUMNS = {"latent": 8, "pixel": 10}
 
 
-def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, vae_box, device):
+def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device):
     x = G_ema.generate(grid_z.to(device), grid_y.to(device), cfg.sample_truncation)
     if cfg.data_kind == "latent":
-        if "vae" not in vae_box:
-            vae_box["vae"] = load_vae(cfg.vae, device)
-        x = decode_latents(vae_box["vae"], x)
+        x = decode_latents(lazy_vae(lazy, cfg, device), x)
     save_grid(x, GRID_COLUMNS[cfg.data_kind], path)
 
 
@@ -1008,9 +1015,9 @@ def train(cfg):
     else:
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
     models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
-    vae_box = {}
+    lazy = {}  # models loaded on first use: the VAE, the Inception network and FID reference stats
     if master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
-        vae_box["vae"] = load_vae(cfg.vae, device)
+        lazy_vae(lazy, cfg, device)
     flops_per_image = model_flops(cfg, teacher)["per_iteration"]  # for the logged TFLOP/s and MFU
 
     # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
@@ -1083,11 +1090,11 @@ def train(cfg):
         if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
             if master:
                 write_sample_grid(G_ema, cfg, grid_z, grid_y,
-                                  os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png"), vae_box, device)
+                                  os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png"), lazy, device)
             if judge is not None:
                 metrics.update(judge.evaluate(G_ema))
         if cfg.fid_every and step % cfg.fid_every == 0:
-            metrics["fid"] = training_fid(G_ema, cfg, rank, world, device, vae_box)
+            metrics["fid"] = training_fid(G_ema, cfg, rank, world, device, lazy)
         if master:
             log_file.write(json.dumps(metrics) + "\n")
             log_file.flush()
@@ -1112,7 +1119,7 @@ def train(cfg):
         print(f"stopped at step {step} ({stop_reason or 'done'}); checkpoint {os.path.join(ckpt_dir, 'latest.pt')}")
     if judge is not None and master:
         summary = judge.evaluate(G_ema, final=True)
-        write_sample_grid(G_ema, cfg, grid_z, grid_y, os.path.join(run_dir, "digits_grid.png"), vae_box, device)
+        write_sample_grid(G_ema, cfg, grid_z, grid_y, os.path.join(run_dir, "digits_grid.png"), lazy, device)
         print(judge.report(summary, step, (time.time() - t_start) / 60))
         with open(os.path.join(run_dir, "demo_summary.json"), "w") as f:
             json.dump(summary | {"step": step, "minutes": (time.time() - t_start) / 60}, f, indent=2)
@@ -1220,11 +1227,11 @@ class DigitsJudge:
 # against FID-50K: use it for trends, not for comparison with papers.
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def training_fid(G_ema, cfg, rank, world, device, vae_box, batch=50):
+def training_fid(G_ema, cfg, rank, world, device, lazy, batch=50):
     import fid
-    if "inception" not in vae_box:
-        vae_box["inception"] = fid.load_inception(cfg.fid_inception or None, device=device)
-        vae_box["fid_ref"] = fid.load_stats(cfg.fid_ref)
+    if "inception" not in lazy:
+        lazy["inception"] = fid.load_inception(cfg.fid_inception or None, device=device)
+        lazy["fid_ref"] = fid.load_stats(cfg.fid_ref)
     gen = torch.Generator().manual_seed(cfg.seed + 12345)  # the same samples at every evaluation
     z = torch.randn(cfg.fid_num, cfg.z_dim, generator=gen)
     y = torch.randint(0, cfg.num_classes, (cfg.fid_num,), generator=gen)
@@ -1233,14 +1240,12 @@ def training_fid(G_ema, cfg, rank, world, device, vae_box, batch=50):
     for i in range(lo, hi, batch):
         x = G_ema.generate(z[i:min(i + batch, hi)].to(device), y[i:min(i + batch, hi)].to(device))
         if cfg.data_kind == "latent":
-            if "vae" not in vae_box:
-                vae_box["vae"] = load_vae(cfg.vae, device)
-            x = decode_latents(vae_box["vae"], x)
+            x = decode_latents(lazy_vae(lazy, cfg, device), x)
         x = x.expand(-1, 3, -1, -1)  # grey digits -> RGB
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # [b, H, W, 3]
-        feats.append(vae_box["inception"](images)["pool"])
+        feats.append(lazy["inception"](images)["pool"])
     mu, sigma = fid.stats_from_features(fid.all_gather_rows(torch.cat(feats)))
-    ref = vae_box["fid_ref"]
+    ref = lazy["fid_ref"]
     return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
 
 

@@ -24,10 +24,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from diffusers import AutoencoderKL
 from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
+
+import gat
 
 FORMAT = "gat-latents-v1"
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -244,15 +245,14 @@ def finish(out, manifest, ignored):
 # encoding
 
 def load_vae(name, device):
+    """gat.py's loader in float32 (encode() picks the precision by autocast). Images arrive NHWC, which
+    viewed as NCHW is channels_last, the layout GPU tensor cores convolve fastest (on the CPU it measured
+    about even)."""
     try:
-        vae = AutoencoderKL.from_pretrained(name, low_cpu_mem_usage=False)  # (without the `accelerate` nag)
-    except Exception as e:  # OSError when offline or missing, ValueError for a malformed id
-        raise SystemExit(f"could not load the VAE {name!r} ({type(e).__name__}: {e})\nOn a machine without "
-                         f"internet, save it elsewhere with AutoencoderKL.from_pretrained('{name}')"
-                         f".save_pretrained(DIR), copy DIR over and pass --vae DIR")
-    # Images arrive NHWC, which viewed as NCHW is channels_last, the layout GPU tensor cores convolve fastest
-    # (on the CPU it measured about even).
-    return vae.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        vae = gat.load_vae(name, device, dtype=torch.float32)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    return vae.to(memory_format=torch.channels_last)
 
 
 @torch.inference_mode()
