@@ -1042,13 +1042,16 @@ def train(cfg):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     sums, n_sum, t_last, t_start, step_last = {}, 0, time.time(), time.time(), step
     if master:
         print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; "
               f"lr G {width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; "
               f"{world} process(es) on {device}, {'bf16' if use_bf16(cfg, device) else 'fp32'}; run dir {run_dir}")
+        print(f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
+                                                 if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
+              + ("; then the demo prints what G learned" if judge is not None else ""))
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
     stop_reason = None
     for batch in batch_iterator(data, cfg, rank, world, step, device):
         out = train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)

