@@ -190,16 +190,16 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.RMSNorm(width // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(width // heads, eps=1e-6)
+        self.q_norm = nn.RMSNorm(width // heads)  # eps None: the dtype's machine epsilon, as the authors'
+        self.k_norm = nn.RMSNorm(width // heads)
         self.proj = nn.Linear(width, width)
 
     def forward(self, x, rope):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
         # the norms' weights cast to the activations' dtype keep bf16 autocast on the fused kernel
-        q = apply_rope(F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), 1e-6), *rope).to(v.dtype)
-        k = apply_rope(F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), 1e-6), *rope).to(v.dtype)
+        q = apply_rope(F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), None), *rope).to(v.dtype)
+        k = apply_rope(F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), None), *rope).to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, hd]
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
@@ -343,8 +343,8 @@ class Generator(nn.Module):
     def update_class_means(self, w, y):
         """w_avg[c] <- lerp(mean of this batch's w of class c, w_avg[c], 0.995), for classes present.
         Under DDP the sums are all-reduced so that every rank keeps the same means."""
-        ones = torch.ones(len(y), 1, device=w.device)
-        sums = w.new_zeros(self.num_classes, w.shape[1] + 1, dtype=torch.float).index_add_(0, y, torch.cat([w.float(), ones], 1))
+        w = w.to(self.w_avg.dtype)  # fp32 (or a double G's float64), whatever autocast made of w
+        sums = w.new_zeros(self.num_classes, w.shape[1] + 1).index_add_(0, y, torch.cat([w, w.new_ones(len(y), 1)], 1))
         if dist.is_initialized():
             dist.all_reduce(sums)  # [classes, C + 1]: per-class sums of w and, last, the counts
         sums, counts = sums[:, :-1], sums[:, -1]

@@ -292,6 +292,23 @@ def test_class_means_update_only_present_classes():
     G.update_class_means(w, y)
     assert torch.allclose(G.w_avg[1], torch.full((64,), 0.005)) and torch.allclose(G.w_avg[4], G.w_avg[1])
     assert G.w_avg[0].abs().sum() == 0
+    G.double().update_class_means(w.double(), y)  # a G in double precision keeps float64 means
+    assert G.w_avg.dtype == torch.float64 and torch.allclose(G.w_avg[1], torch.full((64,), 0.005 * 0.995 + 0.005,
+                                                                                     dtype=torch.float64))
+
+
+def test_qk_norm_eps_is_rmsnorm_default():
+    """The authors' qk-norm is nn.RMSNorm's default (eps None: the dtype's machine epsilon); at a scale
+    where eps 1e-6 would matter, the fused forward equals the q_norm / k_norm modules applied as such."""
+    torch.manual_seed(0)
+    attn = gat.Attention(32, 4)
+    attn.qkv.weight.data.mul_(1e-4)
+    attn.qkv.bias.data.zero_()
+    x, rope = torch.randn(2, 16, 32), gat.rope_2d(8, 4)
+    q, k, v = attn.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    q, k = (gat.apply_rope(n(t), *rope) for n, t in ((attn.q_norm, q), (attn.k_norm, k)))
+    ref = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 16, 32))
+    assert attn.q_norm.eps is None and torch.allclose(attn(x, rope), ref, atol=1e-6)
 
 
 def test_gradients_reach_every_parameter():
