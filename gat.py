@@ -69,6 +69,7 @@ class Config:
     patch: int = 2                      # patch size on the 32x32 latent: 2, 4 or 8
     z_dim: int = 64                     # latent code z ~ N(0, I)
     num_levels: int = 4                 # K MNG output heads; 1 = the no-MNG ablation (no noise either)
+    fixed_pos_embed: bool = False       # ablation: the paper's fixed sin-cos position tables (the code trains them)
     # data
     data: str = "data/imagenet256"      # prep_latents.py output dir, or "digits" for the CPU demo
     batch_size: int = 512               # global batch, split over the ranks
@@ -164,6 +165,17 @@ def sincos_pos_embed(width, grid):
     return torch.cat(out, dim=1).float()  # [T, width]
 
 
+def add_pos_table(module, name, width, grid, fixed):
+    """The [1, T, width] sin-cos position table as a trained parameter initialised to sin-cos (the
+    authors' train.py switches requires_grad on for all of G and D, so their tables train and enter the
+    EMA), or with fixed=True the paper's fixed table, a buffer."""
+    table = sincos_pos_embed(width, grid)[None]
+    if fixed:
+        module.register_buffer(name, table, persistent=False)
+    else:
+        setattr(module, name, nn.Parameter(table))
+
+
 def rope_2d(head_dim, grid, base=10000.0):
     """2D rotary embedding tables (cos, sin), each [T, head_dim]: the first half of a head's dims
     rotates with the token's row, the second half with its column, on interleaved pairs."""
@@ -236,7 +248,7 @@ def run_blocks(blocks, x, *args, grad_ckpt=False):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. Generator. G has no image input: every token starts as the fixed sin-cos position code, and all
+# 3. Generator. G has no image input: every token starts as the position table (trained, from sin-cos); all
 # variation enters through the style w = mapping([class vector, z]), which scales and gates each block
 # (RMSNorm "scale/gate" modulation, no shift). K output heads read the token stream after depth/K,
 # 2*depth/K, ... blocks; their outputs are accumulated, so level k = heads 1..k (MNG, coarse to fine).
@@ -285,7 +297,7 @@ def size_config(size, patch, input_size):
 
 class Generator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, z_dim=64,
-                 num_levels=4, grad_ckpt=False):
+                 num_levels=4, grad_ckpt=False, fixed_pos_embed=False):
         super().__init__()
         cfg, C, grid = size_config(size, patch, input_size)
         depth = cfg["depth"]
@@ -298,7 +310,7 @@ class Generator(nn.Module):
         self.blocks = nn.ModuleList(GBlock(C, cfg["heads"]) for _ in range(depth))
         self.heads = nn.ModuleList(MNGHead(C, patch, channels) for _ in range(num_levels))
         self.head_after = [(k + 1) * (depth // num_levels) - 1 for k in range(num_levels)]  # block index
-        self.register_buffer("tokens", sincos_pos_embed(C, grid)[None], persistent=False)  # [1, T, C]
+        add_pos_table(self, "tokens", C, grid, fixed_pos_embed)  # [1, T, C]: G's only input besides w
         cos, sin = rope_2d(C // cfg["heads"], grid)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -373,7 +385,7 @@ class DBlock(nn.Module):
 
 class Discriminator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, num_levels=4,
-                 repa_dim=768, grad_ckpt=False):
+                 repa_dim=768, grad_ckpt=False, fixed_pos_embed=False):
         super().__init__()
         cfg, C, grid = size_config(size, patch, input_size)
         P = cfg["proj_dim"]
@@ -387,7 +399,7 @@ class Discriminator(nn.Module):
         self.class_mapping = nn.Sequential(EqualizedLinear(P, P), nn.SiLU(), EqualizedLinear(P, P))
         self.repa_projector = nn.Sequential(nn.Linear(C, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(),
                                             nn.Linear(P, repa_dim)) if repa_dim else None
-        self.register_buffer("pos", sincos_pos_embed(C, grid)[None], persistent=False)  # [1, T, C]
+        add_pos_table(self, "pos", C, grid, fixed_pos_embed)  # [1, T, C]
         cos, sin = rope_2d(C // cfg["heads"], grid)
         # the [cls] token is not rotated: identity rotation (cos 1, sin 0) in front of the spatial ones
         self.register_buffer("rope_cos", F.pad(cos, (0, 0, 1, 0), value=1.0), persistent=False)
@@ -765,7 +777,7 @@ def load_checkpoint(path):
 
 
 def check_compatible(ckpt_cfg, cfg, path):
-    keys = ("size", "patch", "num_levels", "z_dim", "num_classes", "channels", "input_size", "data_kind")
+    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size", "data_kind")
     diff = {k: (ckpt_cfg.get(k), getattr(cfg, k)) for k in keys if ckpt_cfg.get(k) != getattr(cfg, k)}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
@@ -775,7 +787,7 @@ def check_compatible(ckpt_cfg, cfg, path):
 
 def build_generator(cfg, grad_ckpt=False):
     return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
-                     cfg.num_levels, grad_ckpt=grad_ckpt)
+                     cfg.num_levels, grad_ckpt=grad_ckpt, fixed_pos_embed=cfg.fixed_pos_embed)
 
 
 def load_generator(path, ema=True, device="cpu"):
@@ -953,7 +965,8 @@ def build_models(cfg, device, pretrained_teacher=True):
     use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
     teacher = build_repa_teacher(cfg.repa_teacher, pretrained_teacher).to(device) if use_repa else None
     D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
-                      repa_dim=teacher.embed_dim if use_repa else 0, grad_ckpt=cfg.grad_ckpt).to(device)
+                      repa_dim=teacher.embed_dim if use_repa else 0, grad_ckpt=cfg.grad_ckpt,
+                      fixed_pos_embed=cfg.fixed_pos_embed).to(device)
     return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
 
 

@@ -66,10 +66,10 @@ def tiny_teacher():
 # ================================================================================================
 # gat.py: model sizes, shapes, parameter counts
 # ================================================================================================
-PARAMS = {  # trainable parameters of the authors' code, 1000 classes, 768-dim REPA teacher
-    ("S", 2): (29_256_512, 39_114_624), ("B", 2): (116_545_088, 104_480_256),
-    ("L", 2): (408_469_024, 322_773_728), ("XL", 2): (601_936_640, 467_383_872),
-    ("S", 4): (29_330_432, 39_188_352), ("S", 8): (29_626_112, 39_483_264), ("XL", 8): (603_043_520, 468_489_792),
+PARAMS = {  # what the authors' train.py trains (position tables included), 1000 classes, 768-dim REPA teacher
+    ("S", 2): (29_354_816, 39_212_928), ("B", 2): (116_741_696, 104_676_864),
+    ("L", 2): (408_731_168, 323_035_872), ("XL", 2): (602_231_552, 467_678_784),
+    ("S", 4): (29_355_008, 39_212_928), ("S", 8): (29_632_256, 39_489_408), ("XL", 8): (603_061_952, 468_508_224),
 }
 
 
@@ -77,8 +77,11 @@ PARAMS = {  # trainable parameters of the authors' code, 1000 classes, 768-dim R
 def test_parameter_counts_match_authors(size, patch):
     with torch.device("meta"):
         G, D = gat.Generator(size, patch), gat.Discriminator(size, patch)
+        Gf, Df = gat.Generator(size, patch, fixed_pos_embed=True), gat.Discriminator(size, patch, fixed_pos_embed=True)
     assert gat.count_params(G) == PARAMS[size, patch][0]
     assert gat.count_params(D) == PARAMS[size, patch][1]
+    table = (32 // patch) ** 2 * gat.MODEL_SIZES[size]["width"]  # the ablation's fixed tables are not trained
+    assert (gat.count_params(Gf), gat.count_params(Df)) == (PARAMS[size, patch][0] - table, PARAMS[size, patch][1] - table)
 
 
 @pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
@@ -313,7 +316,8 @@ def test_qk_norm_eps_is_rmsnorm_default():
 
 def test_gradients_reach_every_parameter():
     """One D step and one G step of the real loss functions (REPA on, tiny teacher): every parameter
-    of D and of G, the first G block and the mapping network included, gets a non-zero gradient."""
+    of D and of G, the first G block, the mapping network and both position tables included, gets a
+    non-zero gradient."""
     torch.manual_seed(0)
     teacher = tiny_teacher()
     G, D = tiny_models(channels=4, input_size=8, repa_dim=teacher.embed_dim)
@@ -334,6 +338,21 @@ def test_gradients_reach_every_parameter():
     dead = [n for n, p in G.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     assert not dead, dead
     assert all(p.grad is None for p in D.parameters())  # frozen D: no wasted weight gradients
+    assert "tokens" in dict(G.named_parameters()) and "pos" in dict(D.named_parameters())
+
+
+def test_position_tables_train_into_the_ema_or_stay_fixed_in_the_ablation():
+    cfg = dataclasses.replace(gat.Config(size="tiny", patch=2), num_classes=10, channels=1, input_size=8,
+                              data_kind="pixel", repa_weight=0.0)
+    G, D, G_ema, _ = gat.build_models(cfg, torch.device("cpu"))
+    assert torch.equal(G.tokens[0], gat.sincos_pos_embed(64, 4)) and torch.equal(D.pos[0], gat.sincos_pos_embed(64, 4))
+    with torch.no_grad():
+        G.tokens.add_(1.0)
+    gat.update_ema(G_ema, G, 0.9)
+    assert torch.allclose(G_ema.tokens, gat.sincos_pos_embed(64, 4) + 0.1)  # averaged like any weight
+    G, D, G_ema, _ = gat.build_models(dataclasses.replace(cfg, fixed_pos_embed=True), torch.device("cpu"))
+    names = [n for m in (G, D) for n, _ in m.named_parameters()]
+    assert "tokens" not in names and "pos" not in names and torch.equal(G.tokens[0], gat.sincos_pos_embed(64, 4))
 
 
 def test_teacher_features_resize_to_d_grid():
@@ -518,7 +537,7 @@ def test_incomplete_or_malformed_dataset_is_refused(tmp_path):
 
 
 DDP_SCRIPT = r'''
-import os, sys, json
+import copy, os, sys, json
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import gat
@@ -549,7 +568,20 @@ G.update_class_means(w.detach(), y[rows])
 if rank == 0:
     torch.save({"D": {n: p.grad for n, p in D.named_parameters()}, "G": {n: p.grad for n, p in G.named_parameters()},
                 "w_avg": G.w_avg}, out)
-if world > 1:
+if world > 1:  # full steps on each rank's own data and z: the trained position tables stay identical
+    G_ema, start = copy.deepcopy(G), G.tokens.detach().clone()
+    opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+    D.requires_grad_(True)
+    torch.manual_seed(rank)
+    for _ in range(2):
+        gat.train_step((Gd, Dd, G, D, G_ema, D), opt_G, opt_D, None, (x[rows], None, y[rows]), cfg,
+                       torch.autocast("cpu", enabled=False))
+    for t in (G.tokens, D.pos, G_ema.tokens):
+        both = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(both, t.detach().contiguous())
+        assert torch.equal(both[0], both[1])
+    assert not torch.equal(G.tokens, start) and not torch.equal(G_ema.tokens, start)  # trained, and in the EMA
+    print("TABLES_SAME")
     tcfg = gat.Config(**gat.DIGITS_PRESET)
     tcfg.results, tcfg.run, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
     tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
@@ -581,6 +613,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)  # class means all-reduced over ranks
     assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2" in two.stdout
     assert "TRAIN_OK" in two.stdout and ckpt_of(tmp_path, "ddp")["step"] == 2
+    assert "TABLES_SAME" in two.stdout  # trained position tables: gradients all-reduced like any parameter
+    assert "tokens" in a["G"] and "pos" in a["D"]  # the tables' gradients were among those compared
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
 
 
