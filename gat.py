@@ -456,16 +456,19 @@ def mng_perturb(levels, eps):
 # ------------------------------------------------------------------------------------------------
 # 6. Augmentation: DiffAugment (color on half the batch, translation by up to 1/8, cutout of half
 # size, horizontal flip with probability 0.4) on latents, always on for ImageNet. Parameters are drawn
-# once per sample and shared by all K levels and by a penalty's nudged copy, so D compares like with
-# like. The REPA teacher's image gets the same translation and flip, scaled to its own size (the same
+# once per sample (the colour means from the clean finest level) and shared by all K levels and by a
+# penalty's nudged copy, so D compares like with like. The REPA teacher's image gets the same translation and flip, scaled to its own size (the same
 # fraction of the image: the authors' code divides where it should multiply and moves the teacher
 # image by about one pixel). `policy` names the operations used; the others are simply not drawn.
 # ------------------------------------------------------------------------------------------------
-def sample_augment(B, size, device, policy=AUGMENT_POLICY):
+def sample_augment(x, policy=AUGMENT_POLICY):
+    """Parameters for the batch whose clean finest level is x [B, C, H, W] (for reals the clean real)."""
+    (B, _, size, _), device = x.shape, x.device
     u = lambda: torch.rand(B, device=device)
     ops, p = policy.split(","), {}
-    if "color" in ops:
-        p.update(color=u() < 0.5, brightness=u() - 0.5, saturation=2 * u(), contrast=u() + 0.5)
+    if "color" in ops:  # the saturation and contrast means are x's, kept with the parameters (as the authors)
+        p.update(color=u() < 0.5, brightness=u() - 0.5, saturation=2 * u(), contrast=u() + 0.5,
+                 sat_mean=x.mean(dim=-3, keepdim=True), con_mean=x.mean(dim=(-3, -2, -1), keepdim=True))
     if "translation" in ops:
         shift = int(size * 0.125 + 0.5)
         p.update(tx=torch.randint(-shift, shift + 1, (B,), device=device) / size,  # fractions of the image
@@ -493,11 +496,12 @@ def translate(x, tx, ty):
 def augment(x, p, teacher=False):
     """x: [..., B, C, H, W] (leading level dim allowed). The teacher image gets translation and flip only."""
     if "color" in p and not teacher:
-        y = x + p["brightness"][:, None, None, None]
-        m = y.mean(dim=-3, keepdim=True)
-        y = (y - m) * p["saturation"][:, None, None, None] + m
-        m = y.mean(dim=(-3, -2, -1), keepdim=True)
-        y = (y - m) * p["contrast"][:, None, None, None] + m
+        # one affine map per sample, y = ((x + b - m_s) S + m_s - m_c) C + m_c, with the means m_s (over
+        # channels, per pixel) and m_c (over everything) of the clean finest level rather than of x: a
+        # nudged copy gets exactly the same map, and with S < 1 a coarse level is pulled toward the finest
+        # level's channel mean (with C < 1 toward its overall mean), not toward its own
+        b, S, C = (p[k][:, None, None, None] for k in ("brightness", "saturation", "contrast"))
+        y = ((x + b - p["sat_mean"]) * S + p["sat_mean"] - p["con_mean"]) * C + p["con_mean"]
         x = torch.where(p["color"][:, None, None, None], y, x)
     if "tx" in p:
         x = translate(x, p["tx"], p["ty"])
@@ -578,9 +582,7 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     nudged copies are the approximated penalties' x + sigma*eps, under the same augmentation and the
     same MNG noise as x. REPA features are read on the first B rows (the clean reals) only."""
     K, B = fake_levels.shape[:2]
-    size = x_real.shape[-1]
-    aug_real = sample_augment(B, size, x_real.device, cfg.augment)
-    aug_fake = sample_augment(B, size, x_real.device, cfg.augment)
+    aug_real, aug_fake = sample_augment(x_real, cfg.augment), sample_augment(fake_levels[-1], cfg.augment)
     eps_real = torch.randn((K, *x_real.shape), device=x_real.device, dtype=x_real.dtype)  # own noise per level
     eps_fake = torch.randn_like(fake_levels)
     # a real is the same image at every level: augmented once, then repeated over the K levels
@@ -617,10 +619,8 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
 def g_loss(D, fake_levels, x_real, y, cfg):
     """The G step's loss: fresh augmentation and noise; D(real) without gradient (it is a constant
     for G), D(fake) with gradient flowing back into G. D's weights are frozen by the caller."""
-    K, B = fake_levels.shape[:2]
-    size = x_real.shape[-1]
-    aug_real = sample_augment(B, size, x_real.device, cfg.augment)
-    aug_fake = sample_augment(B, size, x_real.device, cfg.augment)
+    K = fake_levels.shape[0]
+    aug_real, aug_fake = sample_augment(x_real, cfg.augment), sample_augment(fake_levels[-1], cfg.augment)
     with torch.no_grad():
         real_levels = augment(x_real, aug_real).expand(K, *x_real.shape)  # augmented once, as in d_loss
         l_real = D(levels_to_channels(mng_perturb(real_levels, torch.randn_like(real_levels))), y)[0]

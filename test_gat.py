@@ -170,10 +170,36 @@ def test_augmentation_shared_across_levels():
     torch.manual_seed(0)
     x = torch.randn(1, 6, 4, 32, 32)
     levels = x.expand(4, -1, -1, -1, -1)
-    p = gat.sample_augment(6, 32, "cpu")
+    p = gat.sample_augment(x[0])
     out = gat.augment(levels, p)
     assert all(torch.equal(out[k], out[0]) for k in range(4))  # same parameters at every level
     assert torch.equal(out[0], gat.augment(x[0], p))
+
+
+def test_color_is_one_affine_map_from_the_clean_finest_level(monkeypatch):
+    """The authors' colour op: y = ((x + b - m_s) S + m_s - m_c) C + m_c with the means of the clean
+    finest level, the same map for every level and for the penalties' nudged copies; d_loss draws the
+    fakes' parameters from the finest level and the reals' from the clean real."""
+    torch.manual_seed(0)
+    levels = torch.randn(4, 6, 4, 8, 8)
+    p = gat.sample_augment(levels[-1], "color")
+    p["color"][:3] = True
+    p["color"][3:] = False
+    b, S, C = (p[k][:, None, None, None] for k in ("brightness", "saturation", "contrast"))
+    m_s, m_c = levels[-1].mean(1, keepdim=True), levels[-1].mean((1, 2, 3), keepdim=True)
+    expected = ((levels + b - m_s) * S + m_s - m_c) * C + m_c
+    out = gat.augment(levels, p)
+    assert torch.allclose(out[:, :3], expected[:, :3], atol=1e-5) and torch.equal(out[:, 3:], levels[:, 3:])
+    nudge = 0.01 * torch.randn_like(levels)
+    assert torch.allclose(gat.augment(levels + nudge, p) - out, (nudge * S * C).where(p["color"][:, None, None, None],
+                                                                                       nudge), atol=1e-5)
+    seen = []
+    monkeypatch.setattr(gat, "sample_augment", lambda x, policy: seen.append(x) or {})
+    x_real, cfg = torch.randn(6, 4, 8, 8), gat.Config(size="tiny", augment="color")
+    D = tiny_models(channels=4)[1]
+    gat.d_loss(D, levels, x_real, torch.arange(6), cfg)
+    gat.g_loss(D, levels, x_real, torch.arange(6), cfg)
+    assert all(torch.equal(a, b) for a, b in zip(seen, [x_real, levels[-1]] * 2))
 
 
 def test_teacher_image_moves_by_the_same_fraction():
@@ -194,14 +220,14 @@ def test_teacher_image_moves_by_the_same_fraction():
 def test_cutout_and_color_happen():
     torch.manual_seed(1)
     x = torch.ones(8, 4, 32, 32)
-    p = gat.sample_augment(8, 32, "cpu", "cutout")
+    p = gat.sample_augment(x, "cutout")
     out = gat.augment(x, p)
     hole = (out == 0).float().mean((1, 2, 3))
     assert (hole >= 1 / 16).all() and (hole <= 1 / 4).all()  # a half-size square, clipped at a corner at most
-    p.update(gat.sample_augment(8, 32, "cpu", "color"))
+    p.update(gat.sample_augment(torch.randn(8, 4, 32, 32), "color"))
     p["color"][:] = True
     assert not torch.equal(gat.augment(x, p), out)
-    assert torch.equal(gat.augment(x, gat.sample_augment(8, 32, "cpu", "")), x)  # empty policy: identity
+    assert torch.equal(gat.augment(x, gat.sample_augment(x, "")), x)  # empty policy: identity
 
 
 # ================================================================================================
@@ -357,7 +383,7 @@ def test_position_tables_train_into_the_ema_or_stay_fixed_in_the_ablation():
 
 def test_teacher_features_resize_to_d_grid():
     teacher = tiny_teacher()
-    p = gat.sample_augment(2, 32, "cpu")
+    p = gat.sample_augment(torch.zeros(2, 4, 32, 32))
     images = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8)
     assert gat.teacher_features(teacher, images, p, 16).shape == (2, 257, 32)
     assert gat.teacher_features(teacher, images, p, 4).shape == (2, 17, 32)
