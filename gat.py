@@ -321,16 +321,31 @@ class Generator(nn.Module):
         for m in [b.modulation for b in self.blocks] + [h.modulation for h in self.heads]:
             nn.init.xavier_uniform_(m.weight, gain=0.1)  # start close to identity: (1 + s) ~ 1, g ~ 0
 
-    def style(self, z, y, truncation=0.0):
+    def style(self, z, y, truncation=0.0, guidance=1.0):
         """w = mapping([class vector, z]), each part normalised to unit second moment. truncation moves
         w that fraction toward its class's running mean: 0 = none, 1 = the class-mean image. (This is
-        the authors' convention; StyleGAN's psi is 1 - truncation.)"""
+        the authors' convention; StyleGAN's psi is 1 - truncation.) Then, as in their code, guidance s
+        extrapolates from the class-free style of the same z: w = w_null + s (w - w_null); 1 = off."""
         w = self.mapping(torch.cat([normalize_2nd_moment(self.class_embed(y)), normalize_2nd_moment(z)], 1))
-        return w.lerp(self.w_avg[y].to(w.dtype), truncation) if truncation else w
+        if truncation:
+            w = w.lerp(self.w_avg[y].to(w.dtype), truncation)
+        return self.null_style(z).to(w.dtype).lerp(w, guidance) if guidance != 1 else w
 
-    def forward(self, z, y, truncation=0.0):
+    def null_style(self, z, chunk=64):
+        """w_null [B, C]: the mean over all classes c of mapping([class vector of c, z]), in chunks of
+        classes so that classes x B x C never sits in memory at once. (The authors' code normalises the
+        class vectors and z over the class axis here, which turns z into sign(z); we normalise each
+        vector as in every other use of the mapping.)"""
+        z = normalize_2nd_moment(z)[:, None]  # [B, 1, z_dim]
+        total = 0
+        for e in normalize_2nd_moment(self.class_embed.weight).split(chunk):  # [chunk, z_dim]
+            pairs = torch.cat([e.expand(len(z), -1, -1), z.expand(-1, len(e), -1)], -1)  # [B, chunk, 2 z_dim]
+            total = total + self.mapping(pairs).sum(1)
+        return total / self.num_classes
+
+    def forward(self, z, y, truncation=0.0, guidance=1.0):
         """Returns (levels [K, B, channels, H, W] coarse to fine, w [B, C]); levels[-1] is the image."""
-        w = self.style(z, y, truncation)
+        w = self.style(z, y, truncation, guidance)
         return self.synthesis(w), w
 
     def synthesis(self, w):
@@ -347,9 +362,9 @@ class Generator(nn.Module):
         return torch.stack(levels)
 
     @torch.no_grad()
-    def generate(self, z, y, truncation=0.0):
+    def generate(self, z, y, truncation=0.0, guidance=1.0):
         """Sampling: one network evaluation, the finest level only."""
-        return self(z, y, truncation)[0][-1]
+        return self(z, y, truncation, guidance)[0][-1]
 
     @torch.no_grad()
     def update_class_means(self, w, y):

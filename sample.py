@@ -16,6 +16,8 @@ with both, so the output does not depend on the number of processes, and batches
 global indices, so each image also goes through the same batch whatever the number of processes.
 Truncation (the authors' convention): w moves that fraction toward its class's running mean of w;
 0 = none, 1 = every z gives the class-mean image. StyleGAN's psi is 1 - truncation.
+Guidance s (the authors' guidance_scale), applied after truncation: w = w_null + s (w - w_null), w_null
+the mean style of the same z over all classes; 1 = off, 0 = the class-free image, > 1 more class-typical.
 """
 import argparse
 import math
@@ -37,6 +39,9 @@ TRUNCATION_HELP = (
     "(the authors' convention; StyleGAN's psi = 1 - this). Several values for --grid. FIDs compare only at "
     "equal truncation: the authors' released sampler defaults to 0.3, their in-training FID uses 0; which one "
     "the paper's FID-50K used is not stated (see README)")
+GUIDANCE_HELP = (
+    "w-space guidance s, after truncation: w = w_null + s (w - w_null), w_null = the mean w of the same z over "
+    "all classes; 1 = off (the default), 0 = class-free. Several values for --grid")
 
 
 def parse_args(argv=None):
@@ -52,12 +57,13 @@ def parse_args(argv=None):
                         "classes) or a list '207,360' (cycled over images; grid rows; the 1 or 2 classes of "
                         "--interpolate). --grid defaults to the first 10 classes, --interpolate to class 0")
     p.add_argument("--truncation", type=float, nargs="+", default=[0.0], help=TRUNCATION_HELP)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0], help=GUIDANCE_HELP)
     p.add_argument("--seed", type=int, default=0, help="image i uses z (and random class) from (seed, i)")
     p.add_argument("--batch-size", type=int, default=64, help="images per G call and per VAE decode, per process")
     p.add_argument("--raw", action="store_true", help="sample the raw generator instead of its EMA")
     p.add_argument("--vae", default="", help="AutoencoderKL folder or hub name; default: the one in the checkpoint")
     p.add_argument("--no-png", action="store_true", help="write only the .npz, no PNG files")
-    p.add_argument("--grid", action="store_true", help="one PNG: rows = classes, columns = seeds, per truncation")
+    p.add_argument("--grid", action="store_true", help="one PNG: rows = classes, columns = seeds, per truncation and guidance")
     p.add_argument("--cols", type=int, default=8, help="--grid: columns; column j uses the z of image j")
     p.add_argument("--interpolate", type=int, nargs=2, metavar=("I", "J"),
                    help="frames from (z of image I, first --classes class) to (z of image J, last class), "
@@ -71,6 +77,8 @@ def parse_args(argv=None):
         p.error("--truncation values must lie in [0, 1] (0 = none, 1 = class-mean image)")
     if len(args.truncation) > 1 and not args.grid:
         p.error("several --truncation values are for --grid only; give one value")
+    if any(not 0 <= s <= 100 for s in args.guidance) or (len(args.guidance) > 1 and not args.grid):
+        p.error(f"--guidance {args.guidance}: give values in [0, 100] (1 = off, 0 = class-free), several only with --grid")
     if args.num_images < 1 or args.batch_size < 1 or args.cols < 1 or args.frames < 2 or args.seed < 0:
         p.error("--num-images, --batch-size and --cols must be >= 1, --frames >= 2, --seed >= 0")
     return args
@@ -183,7 +191,8 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
         for start in range(lo, hi, B):
             idx, rows = range(start, min(start + B, hi)), slice(start - lo, min(start + B, hi) - lo)
             with autocast(device):
-                x = decode(vae, G.generate(z[rows].to(device), y[rows].to(device), args.truncation[0]))
+                x = decode(vae, G.generate(z[rows].to(device), y[rows].to(device), args.truncation[0],
+                                             args.guidance[0]))
             images = to_uint8(x).cpu().numpy()  # the one host sync per batch
             if shard is None:
                 shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (hi - lo, *images.shape[1:]))
@@ -220,25 +229,29 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
 
 
 def sample_grid(G, cfg, vae, args, device):
-    """Rows = classes; per truncation value a block of --cols columns, column j using the z of image j
-    in every row and block, so a column shows one z across classes and truncations."""
+    """Rows = classes; per (truncation, guidance) pair a block of --cols columns (truncations outer),
+    column j using the z of image j in every row and block, so a column shows one z across classes,
+    truncations and guidance scales."""
     classes = parse_classes(args.classes, cfg.num_classes, ",".join(map(str, range(min(10, cfg.num_classes)))))
     if classes is None:
         raise ValueError("--grid needs class rows: give --classes as a list, or 'balanced' for all classes")
     z, _ = latent_codes(args.seed, range(args.cols), cfg.z_dim, cfg.num_classes)
-    R, T, J = len(classes), len(args.truncation), args.cols
+    pairs = [(t, s) for t in args.truncation for s in args.guidance]
+    R, T, J = len(classes), len(pairs), args.cols
     z = z.repeat(R, 1).to(device)  # [R*J, z_dim]
     y = torch.tensor(classes).repeat_interleave(J).to(device)
     blocks = []
-    for t in args.truncation:
+    for t, s in pairs:
         with autocast(device):
-            blocks.append(torch.cat([decode(vae, G.generate(z[i:i + args.batch_size], y[i:i + args.batch_size], t))
+            blocks.append(torch.cat([decode(vae, G.generate(z[i:i + args.batch_size], y[i:i + args.batch_size], t, s))
                                      for i in range(0, len(z), args.batch_size)]))
     x = torch.stack(blocks).unflatten(1, (R, J)).transpose(0, 1)  # [R, T, J, C, H, W]
-    path = os.path.join(args.out, f"grid_seed{args.seed}_trunc{'-'.join(f'{t:g}' for t in args.truncation)}.png")
+    guide = "" if args.guidance == [1.0] else f"_guid{'-'.join(f'{s:g}' for s in args.guidance)}"
+    path = os.path.join(args.out, f"grid_seed{args.seed}_trunc{'-'.join(f'{t:g}' for t in args.truncation)}{guide}.png")
     os.makedirs(args.out, exist_ok=True)
     gat.save_grid(x.flatten(0, 2), T * J, path)  # [R*T*J, C, H, W]
-    print(f"grid: {R} classes {classes} x {T} truncation(s) {args.truncation} x {J} seeds -> {path}")
+    print(f"grid: {R} classes {classes} x {len(args.truncation)} truncation(s) {args.truncation} x "
+          f"{len(args.guidance)} guidance scale(s) {args.guidance} x {J} seeds -> {path}")
     return path
 
 
@@ -248,13 +261,13 @@ def sample_interpolation(G, cfg, vae, args, device):
     classes = parse_classes(args.classes, cfg.num_classes, "0")
     if classes is None or len(classes) > 2:
         raise ValueError("--interpolate takes one class (between two z) or two (between two classes) in --classes")
-    (i, j), t = args.interpolate, args.truncation[0]
+    (i, j), t, s = args.interpolate, args.truncation[0], args.guidance[0]
     z, _ = latent_codes(args.seed, [i, j], cfg.z_dim, cfg.num_classes)
     alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]
     with autocast(device):
-        w = G.style(z.to(device), torch.tensor([classes[0], classes[-1]], device=device), t)  # [2, C]
+        w = G.style(z.to(device), torch.tensor([classes[0], classes[-1]], device=device), t, s)  # [2, C]
         x = torch.cat([decode(vae, G.synthesis(a)[-1]) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
-    name = f"interp_seed{args.seed}_{i}-{j}_class{'-'.join(map(str, classes))}_trunc{t:g}"
+    name = f"interp_seed{args.seed}_{i}-{j}_class{'-'.join(map(str, classes))}_trunc{t:g}" + (f"_guid{s:g}" if s != 1 else "")
     frame_dir = os.path.join(args.out, name)
     os.makedirs(frame_dir, exist_ok=True)
     gat.save_grid(x, len(x), os.path.join(args.out, name + ".png"))

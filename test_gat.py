@@ -315,6 +315,19 @@ def test_truncation_moves_w_toward_class_mean():
     assert torch.equal(G.generate(z, y, 0.0), G.generate(z, y))
 
 
+def test_guidance_extrapolates_from_the_class_free_style_after_truncation():
+    torch.manual_seed(0)
+    G, _ = tiny_models(num_classes=70)  # more classes than one chunk of null_style
+    G.w_avg.copy_(torch.randn_like(G.w_avg))
+    z, y = torch.randn(3, 64), torch.tensor([0, 5, 69])
+    w_null = torch.stack([G.style(z, torch.full((3,), c)) for c in range(70)]).mean(0)  # every class, same z
+    assert torch.allclose(G.style(z, y, guidance=0.0), w_null, atol=1e-5)
+    assert torch.equal(G.style(z, y, 0.3, guidance=1.0), G.style(z, y, 0.3))  # 1 = off
+    assert torch.equal(G.generate(z, y, 0.3, 1.0), G.generate(z, y, 0.3))
+    w_t = G.style(z, y, 0.3)  # truncation first, then guidance
+    assert torch.allclose(G.style(z, y, 0.3, guidance=2.5), w_null + 2.5 * (w_t - w_null), atol=1e-5)
+
+
 def test_class_means_update_only_present_classes():
     G, _ = tiny_models()
     w, y = torch.ones(3, 64), torch.tensor([1, 1, 4])
@@ -1105,8 +1118,8 @@ def _sample_error(capsys, *argv):
     return capsys.readouterr().err
 
 
-def _sample_expected(G, z, y, truncation=0.0):
-    return sample.to_uint8(G.generate(z, y, truncation)).numpy()
+def _sample_expected(G, z, y, truncation=0.0, guidance=1.0):
+    return sample.to_uint8(G.generate(z, y, truncation, guidance)).numpy()
 
 
 def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp_path):
@@ -1167,6 +1180,8 @@ def test_sample_images_come_from_seed_and_index_and_truncate_to_class_means(_sam
     x_half, _ = npz("half", "--classes", "3,7", "--truncation", "0.5")
     x_none = _sample_expected(G, z, torch.tensor([3, 7] * 6))
     assert (x_half != x_none).any() and (x_half != x_full).any()
+    x_free, _ = npz("class_free", "--classes", "3,7", "--truncation", "0.5", "--guidance", "0")
+    assert (x_free == _sample_expected(G, z, torch.tensor([3, 7] * 6), 0.5, 0.0)).all() and (x_free != x_half).any()
     x_raw, _ = npz("raw", "--raw")
     assert (x_raw != x).any()
     x_seed, _ = npz("other_seed", "--seed", 6)
@@ -1182,6 +1197,12 @@ def test_sample_grid_rows_classes_columns_seeds_blocks_truncations(_sample_pixel
     assert all((tiles[r, 4:] == tiles[r, 4]).all() for r in range(3))  # truncation 1: one image per class
     assert all(len({t.tobytes() for t in tiles[r, :4]}) == 4 for r in range(3))  # truncation 0: one per seed
     assert (tiles[0, 4] != tiles[1, 4]).any()
+    _sample_run("--ckpt", _sample_pixel_ckpt, "--grid", "--classes", "0,1", "--cols", 2, "--guidance", 1, 0,
+                "--out", tmp_path)
+    im = np.asarray(Image.open(tmp_path / "grid_seed0_trunc0_guid1-0.png"))
+    first, tiles = tiles, im[1:, 1:].reshape(2, 9, 4, 9)[:, :8, :, :8].transpose(0, 2, 1, 3)  # [row, column, 8, 8]
+    assert (tiles[:, :2] == first[:2, :2]).all()  # guidance 1: the unguided images
+    assert (tiles[0, 2:] == tiles[1, 2:]).all() and (tiles[0, :2] != tiles[1, :2]).any()  # guidance 0: class-free
 
 
 def test_sample_interpolation_ends_at_the_two_images(_sample_pixel_ckpt, tmp_path):
