@@ -779,13 +779,20 @@ def atomic_save(obj, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path):
+def read_torch_file(path):
+    """torch.load with weights_only=True (no pickled code runs); the authors' checkpoints also hold an
+    argparse.Namespace (their "args"), allow-listed as plain data."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {e}") from e
+
+
+def load_checkpoint(path):
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"'{path}' is not a gat.py checkpoint (expected format '{CKPT_FORMAT}')")
     return ckpt
@@ -806,15 +813,74 @@ def build_generator(cfg, grad_ckpt=False):
 
 
 def load_generator(path, ema=True, device="cpu"):
-    """For sample.py and friends: (G in eval mode, its Config) rebuilt from a checkpoint alone."""
-    ckpt = load_checkpoint(path)
+    """For sample.py and friends: (G in eval mode, its Config) rebuilt from a checkpoint alone, ours or
+    the authors' (github hse1032/GAT)."""
+    ckpt = read_torch_file(path)
     try:
-        cfg = Config(**ckpt["config"])
-        G = build_generator(cfg)
-        G.load_state_dict(ckpt["G_ema" if ema else "G"])
-    except (KeyError, TypeError, RuntimeError) as e:
+        if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
+            cfg = Config(**ckpt["config"])
+            G, state = build_generator(cfg), ckpt["G_ema" if ema else "G"]
+        elif (theirs := authors_generator_state(ckpt, ema)) is not None:
+            cfg, state = config_from_authors(theirs, ckpt.get("args")), from_authors_keys(theirs)
+            G = build_generator(cfg)
+        else:
+            raise CheckpointError(f"'{path}' is neither a gat.py checkpoint (format '{CKPT_FORMAT}') nor the "
+                                  "authors' (a dict with 'ema'/'generator'/'model', or their bare generator state dict)")
+        G.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"checkpoint '{path}' does not hold a usable generator: {e}") from e
     return G.to(device).eval().requires_grad_(False), cfg
+
+
+# The authors' generator names (their models/generator.py) -> ours. Dropped: their patch embedder of a
+# noise input (x_embedder, multiplied by 0 in their forward) and their RoPE tables (feat_rope.freqs_*,
+# the same tables, recomputed here).
+AUTHORS_KEYS = [("y_embedder.embedding_table.", "class_embed."), ("latent_embedder.", "mapping."),
+                ("adaLN_modulation.1.", "modulation."), (".mlp.", ".ffn."), ("final_layers.", "heads.")]
+AUTHORS_DROPPED = ("x_embedder.", "feat_rope.")
+
+
+def authors_generator_state(ckpt, ema):
+    """Their train.py's dict ("ema", "generator", ...), generate.py's "model", or a bare state dict ->
+    their generator's state dict (DDP / compile prefixes removed), or None if it is none of these."""
+    if not isinstance(ckpt, dict):
+        return None
+    state = next((ckpt[k] for k in (("ema", "generator") if ema else ("generator", "ema")) + ("model",)
+                  if isinstance(ckpt.get(k), dict)), ckpt)
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+    return state if "pos_embed" in state and "y_embedder.embedding_table.weight" in state else None
+
+
+def from_authors_keys(state):
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(AUTHORS_DROPPED):
+            for theirs, ours in AUTHORS_KEYS:
+                k = k.replace(theirs, ours)
+            out["tokens" if k == "pos_embed" else k] = v
+    return out
+
+
+def config_from_authors(state, args=None):
+    """Size, patch, classes, channels and levels from the tensors' shapes (their args are not needed)."""
+    _, T, C = state["pos_embed"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    heads = C // state["blocks.0.attn.q_norm.weight"].shape[0]
+    size = next((n for n, m in MODEL_SIZES.items() if (m["depth"], m["width"], m["heads"]) == (depth, C, heads)), None)
+    if size is None:
+        raise CheckpointError(f"the authors' generator has depth {depth}, width {C}, {heads} heads: not one of "
+                              f"the sizes {list(MODEL_SIZES)}")
+    out = state["final_layers.0.linear.weight"].shape[0]  # patch * patch * channels
+    channels = state["x_embedder.proj.weight"].shape[1] if "x_embedder.proj.weight" in state else 4
+    patch = math.isqrt(out // channels)
+    num_classes, z_dim = state["y_embedder.embedding_table.weight"].shape
+    vae = f"stabilityai/sd-vae-ft-{getattr(args, 'vae', 'ema')}"  # their --vae: ema or mse
+    return Config(size=size, patch=patch, z_dim=z_dim, num_levels=sum(k.endswith(".linear.weight") and
+                                                                      k.startswith("final_layers.") for k in state),
+                  num_classes=num_classes, channels=channels, input_size=math.isqrt(T) * patch,
+                  data_kind="latent", vae=vae, data="")
 
 
 def rng_state(device):

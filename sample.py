@@ -10,7 +10,8 @@ per image (plus the VAE decoder for latent checkpoints), so 50,000 samples take 
   python sample.py --ckpt CKPT --interpolate 0 0 --classes 207,360                 # between two classes
   python sample.py --ckpt results/GAT-tiny-2-digits/checkpoints/latest.pt --num-images 1000   # the digits demo
 
-Everything is rebuilt from the checkpoint (size, patch, classes, pixel or latent data, VAE name).
+Everything is rebuilt from the checkpoint (size, patch, classes, pixel or latent data, VAE name); the
+authors' checkpoints (train.py's dict, generate.py's "model" or a bare state dict) load too.
 Image i is a function of (--seed, i) alone: its z and its random class come from a generator seeded
 with both, so the output does not depend on the number of processes, and batches are fixed chunks of
 global indices, so each image also goes through the same batch whatever the number of processes.
@@ -47,7 +48,8 @@ GUIDANCE_HELP = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAT sampling: FID samples (.png + ADM .npz), class grids, interpolations",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a gat.py checkpoint, e.g. results/RUN/checkpoints/latest.pt")
+    p.add_argument("--ckpt", required=True, help="a gat.py checkpoint, e.g. results/RUN/checkpoints/latest.pt, or one of the "
+                   "authors' (github hse1032/GAT: their EMA G unless --raw; VAE sd-vae-ft-ema unless their args say mse)")
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--num-images", "--num", type=int, default=50_000,
                    help="number of images (default mode). Under torchrun write --num-images: torchrun takes a "

@@ -474,7 +474,7 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
     with pytest.raises(gat.CheckpointError, match="damaged"):
         gat.load_checkpoint(str(bad))
     torch.save({"generator": {}}, tmp_path / "other.pt")
-    with pytest.raises(gat.CheckpointError, match="not a gat.py checkpoint"):
+    with pytest.raises(gat.CheckpointError, match="neither a gat.py checkpoint .* nor the authors'"):
         gat.load_generator(str(tmp_path / "other.pt"))
 
 
@@ -1230,7 +1230,7 @@ def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_p
     no_raw = tmp_path / "no_raw.pt"
     ckpt = torch.load(_sample_pixel_ckpt)
     torch.save({k: v for k, v in ckpt.items() if k != "G"}, no_raw)
-    cases = [(damaged, [], "damaged"), (foreign, [], "not a gat.py checkpoint"),
+    cases = [(damaged, [], "damaged"), (foreign, [], "neither a gat.py checkpoint"),
              (no_raw, ["--raw"], "does not hold a usable generator"), (tmp_path / "absent.pt", [], "does not exist")]
     for path, extra, message in cases:
         err = _sample_error(capsys, "--ckpt", path, "--num-images", 2, "--out", tmp_path / "out", *extra)
@@ -1269,6 +1269,69 @@ def test_sample_latent_checkpoint_decodes_with_a_vae_given_by_path(tmp_path, cap
     assert "is not a folder holding an AutoencoderKL" in err
     _sample_run("--ckpt", missing, "--vae", vae_dir, "--num-images", 1, "--no-png", "--out", tmp_path / "m")
     assert os.listdir(tmp_path / "m") == ["samples_1x32x32x3.npz"]
+
+
+def authors_layout(G):
+    """G's weights under the names and shapes of the authors' models/generator.py, with their extra
+    tensors (the zero-multiplied noise-input patch embedder and the RoPE tables)."""
+    ours, theirs = G.state_dict(), {}
+    C, p, ch = G.width, G.patch, G.channels
+    theirs.update({"pos_embed": ours["tokens"], "y_embedder.embedding_table.weight": ours["class_embed.weight"],
+                   "w_avg": ours["w_avg"], "x_embedder.proj.weight": torch.randn(C, ch, p, p),
+                   "x_embedder.proj.bias": torch.randn(C), "feat_rope.freqs_cos": G.rope_cos.clone(),
+                   "feat_rope.freqs_sin": G.rope_sin.clone()})
+    pairs = [(f"latent_embedder.{i}", f"mapping.{i}") for i in (0, 2)]
+    for i in range(len(G.blocks)):
+        pairs += [(f"blocks.{i}.{a}", f"blocks.{i}.{b}") for a, b in (
+            ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.w12", "ffn.w12"), ("mlp.w3", "ffn.w3"),
+            ("adaLN_modulation.1", "modulation"))]
+        for n in ("q_norm", "k_norm"):
+            theirs[f"blocks.{i}.attn.{n}.weight"] = ours[f"blocks.{i}.attn.{n}.weight"]
+    pairs += [(f"final_layers.{k}.{a}", f"heads.{k}.{b}") for k in range(len(G.heads))
+              for a, b in (("linear", "linear"), ("adaLN_modulation.1", "modulation"))]
+    for a, b in pairs:
+        theirs[f"{a}.weight"], theirs[f"{a}.bias"] = ours[f"{b}.weight"], ours[f"{b}.bias"]
+    assert len(theirs) == len(ours) + 4  # every tensor of ours, plus their 4 extra ones
+    return theirs
+
+
+def test_authors_checkpoints_give_the_same_images(tmp_path, capsys):
+    import argparse
+    torch.manual_seed(0)
+    G_raw, _ = tiny_models(channels=4, input_size=8)
+    G = copy.deepcopy(G_raw)
+    with torch.no_grad():
+        for m in (G_raw, G):
+            m.w_avg.normal_()
+            m.tokens.add_(torch.randn_like(m.tokens))
+        G.mapping[0].weight.add_(1.0)  # the EMA differs from the live generator
+    z, y = torch.randn(5, 64), torch.tensor([0, 3, 9, 3, 1])
+    full = {"generator": authors_layout(G_raw), "discriminator": {"pos_embed": torch.zeros(1, 16, 64)},
+            "ema": authors_layout(G), "optG": {"state": {}, "param_groups": []}, "optD": {"state": {}, "param_groups": []},
+            "args": argparse.Namespace(model="GAT-tiny/2", vae="mse", num_classes=10, resolution=64), "steps": 40}
+    for name, obj in (("full", full), ("model", {"model": authors_layout(G)}), ("bare", authors_layout(G)),
+                      ("ddp", {"ema": {"module." + k: v for k, v in authors_layout(G).items()}})):
+        torch.save(obj, tmp_path / f"{name}.pt")
+        loaded, cfg = gat.load_generator(str(tmp_path / f"{name}.pt"))
+        assert (cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels, cfg.data_kind) == (
+            "tiny", 2, 10, 4, 8, 4, "latent")
+        assert torch.equal(loaded.generate(z, y), G.generate(z, y))
+        assert torch.equal(loaded.generate(z, y, 0.5, 1.5), G.generate(z, y, 0.5, 1.5))
+    assert cfg.vae == "stabilityai/sd-vae-ft-ema" and gat.load_generator(str(tmp_path / "full.pt"))[1].vae.endswith("mse")
+    raw, _ = gat.load_generator(str(tmp_path / "full.pt"), ema=False)
+    assert torch.equal(raw.generate(z, y), G_raw.generate(z, y)) and not torch.equal(raw.generate(z, y), G.generate(z, y))
+    vae_dir = tiny_vae(tmp_path / "vae")  # and so sample.py
+    _sample_run("--ckpt", tmp_path / "full.pt", "--vae", vae_dir, "--num-images", 2, "--no-png", "--out", tmp_path / "s")
+    assert os.listdir(tmp_path / "s") == ["samples_2x64x64x3.npz"]
+    capsys.readouterr()
+    bad = authors_layout(G)
+    bad["blocks.0.attn.qkv.weight"] = bad["blocks.0.attn.qkv.weight"][:, :32]
+    torch.save({"ema": bad}, tmp_path / "bad.pt")
+    with pytest.raises(gat.CheckpointError, match="does not hold a usable generator"):
+        gat.load_generator(str(tmp_path / "bad.pt"))
+    torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "args": argparse.Namespace(lr=1)}, tmp_path / "foreign.pt")
+    err = _sample_error(capsys, "--ckpt", tmp_path / "foreign.pt", "--num-images", 1, "--out", tmp_path / "f")
+    assert err.startswith("error:") and "neither a gat.py checkpoint" in err and "nor the authors'" in err
 
 
 # ================================================================================================
