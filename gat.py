@@ -369,7 +369,8 @@ class Generator(nn.Module):
     @torch.no_grad()
     def update_class_means(self, w, y):
         """w_avg[c] <- lerp(mean of this batch's w of class c, w_avg[c], 0.995), for classes present.
-        Under DDP the sums are all-reduced so that every rank keeps the same means."""
+        Under DDP the sums are all-reduced so that every rank keeps the same means (a kept deviation:
+        the authors' is a bf16 lerp under autocast, one copy per rank)."""
         w = w.to(self.w_avg.dtype)  # fp32 (or a double G's float64), whatever autocast made of w
         sums = w.new_zeros(self.num_classes, w.shape[1] + 1).index_add_(0, y, torch.cat([w, w.new_ones(len(y), 1)], 1))
         if dist.is_initialized():
@@ -472,9 +473,10 @@ def mng_perturb(levels, eps):
 # 6. Augmentation: DiffAugment (color on half the batch, translation by up to 1/8, cutout of half
 # size, horizontal flip with probability 0.4) on latents, always on for ImageNet. Parameters are drawn
 # once per sample (the colour means from the clean finest level) and shared by all K levels and by a
-# penalty's nudged copy, so D compares like with like. The REPA teacher's image gets the same translation and flip, scaled to its own size (the same
-# fraction of the image: the authors' code divides where it should multiply and moves the teacher
-# image by about one pixel). `policy` names the operations used; the others are simply not drawn.
+# penalty's nudged copy, so D compares like with like. The REPA teacher's image gets the same
+# translation and flip, by the same fraction of its own size (a kept deviation: the authors' integer
+# arithmetic shifts their 224-px teacher image by floor(tx * 32 / 224) pixels, 0 or -1, whatever the
+# latent's shift). `policy` names the operations used; the others are simply not drawn.
 # ------------------------------------------------------------------------------------------------
 def sample_augment(x, policy=AUGMENT_POLICY):
     """Parameters for the batch whose clean finest level is x [B, C, H, W] (for reals the clean real)."""
@@ -799,7 +801,8 @@ def load_checkpoint(path):
 
 
 def check_compatible(ckpt_cfg, cfg, path):
-    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size", "data_kind")
+    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size",
+            "data_kind")
     diff = {k: (ckpt_cfg.get(k), getattr(cfg, k)) for k in keys if ckpt_cfg.get(k) != getattr(cfg, k)}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
@@ -824,8 +827,8 @@ def load_generator(path, ema=True, device="cpu"):
             cfg, state = config_from_authors(theirs, ckpt.get("args")), from_authors_keys(theirs)
             G = build_generator(cfg)
         else:
-            raise CheckpointError(f"'{path}' is neither a gat.py checkpoint (format '{CKPT_FORMAT}') nor the "
-                                  "authors' (a dict with 'ema'/'generator'/'model', or their bare generator state dict)")
+            raise CheckpointError(f"'{path}' is neither a gat.py checkpoint (format '{CKPT_FORMAT}') nor the authors' "
+                                  "(a dict with 'ema'/'generator'/'model', or their bare generator state dict)")
         G.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         if isinstance(e, CheckpointError):
