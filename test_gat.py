@@ -261,11 +261,12 @@ def test_approximated_penalty_converges_to_exact_r1():
     eps = torch.randn(N, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         base = D(x.detach(), y)[0]
-        errors = []
-        for sigma in (0.3, 0.01, 0.0001):
-            approx = gat.approx_gradient_penalty(base.expand(N), D(x.detach() + sigma * eps, y.expand(N))[0], sigma)
-            errors.append(abs(approx.item() - exact) / exact)
-    assert errors[2] < errors[0] and errors[2] < 0.1, errors  # Monte Carlo error ~ sqrt(2/N) = 2%
+        approx = [gat.approx_gradient_penalty(base.expand(N), D(x.detach() + sigma * eps, y.expand(N))[0], sigma).item()
+                  for sigma in (0.3, 0.01, 0.0001)]
+    errors = [abs(a - exact) / exact for a in approx]
+    # same eps for every sigma: the steps differ only by the finite-difference bias, which vanishes as
+    # sigma -> 0 (0.3 is far off the small steps); what is left is Monte Carlo error ~ sqrt(2/N) = 2%
+    assert abs(approx[2] - approx[1]) < 0.1 * abs(approx[0] - approx[1]) and errors[2] < 0.1, (approx, exact)
 
 
 def test_d_loss_exact_gp_ablation_runs_and_matches_approx_scale():
