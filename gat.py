@@ -797,6 +797,13 @@ def load_checkpoint(path):
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"'{path}' is not a gat.py checkpoint (expected format '{CKPT_FORMAT}')")
+    return upgrade_checkpoint(ckpt)
+
+
+def upgrade_checkpoint(ckpt):
+    """Checkpoints written before the position tables were trained have no fixed_pos_embed in their
+    config: they were trained with fixed tables, so they resume and load as that ablation."""
+    ckpt["config"].setdefault("fixed_pos_embed", True)
     return ckpt
 
 
@@ -821,7 +828,7 @@ def load_generator(path, ema=True, device="cpu"):
     ckpt = read_torch_file(path)
     try:
         if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
-            cfg = Config(**ckpt["config"])
+            cfg = Config(**upgrade_checkpoint(ckpt)["config"])
             G, state = build_generator(cfg), ckpt["G_ema" if ema else "G"]
         elif (theirs := authors_generator_state(ckpt, ema)) is not None:
             cfg, state = config_from_authors(theirs, ckpt.get("args")), from_authors_keys(theirs)

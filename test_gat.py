@@ -457,6 +457,18 @@ def test_resume_is_bit_exact(tmp_path):
     assert [l["step"] for l in lines] == [2, 3, 4, 6] and all(math.isfinite(l["loss_D"]) for l in lines)
 
 
+def test_checkpoints_from_before_trained_tables_load_and_resume_as_fixed_tables(tmp_path):
+    gat.train(digits_cfg(tmp_path, "old", steps=2, fixed_pos_embed=True))
+    path = os.path.join(tmp_path, "old", "checkpoints", "latest.pt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["fixed_pos_embed"]  # as written by the code of the fixed tables
+    torch.save(ckpt, path)
+    G, cfg = gat.load_generator(path)
+    assert cfg.fixed_pos_embed and "tokens" not in dict(G.named_parameters())
+    gat.train(digits_cfg(tmp_path, "old", steps=3, fixed_pos_embed=True))  # resumes, no mismatch
+    assert ckpt_of(tmp_path, "old")["step"] == 3
+
+
 def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "latest.pt")
     gat.atomic_save({"format": gat.CKPT_FORMAT, "step": 1}, path)
