@@ -803,7 +803,8 @@ def load_checkpoint(path):
 def upgrade_checkpoint(ckpt):
     """Checkpoints written before the position tables were trained have no fixed_pos_embed in their
     config: they were trained with fixed tables, so they resume and load as that ablation."""
-    ckpt["config"].setdefault("fixed_pos_embed", True)
+    if isinstance(ckpt.get("config"), dict):
+        ckpt["config"].setdefault("fixed_pos_embed", True)
     return ckpt
 
 

@@ -633,14 +633,16 @@ if world > 1:  # full steps on each rank's own data and z: the trained position 
         dist.all_gather(both, t.detach().contiguous())
         assert torch.equal(both[0], both[1])
     assert not torch.equal(G.tokens, start) and not torch.equal(G_ema.tokens, start)  # trained, and in the EMA
-    print("TABLES_SAME")
+    if rank == 0:  # one rank prints: two ranks' lines interleave on the shared stdout
+        print("TABLES_SAME", flush=True)
     tcfg = gat.Config(**gat.DIGITS_PRESET)
     tcfg.results, tcfg.run, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
     tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
     try:
         gat.train(tcfg)
     except ValueError as e:
-        print("BATCH_ERROR", e)
+        if rank == 0:
+            print("BATCH_ERROR", e, flush=True)
     tcfg.batch_size = 8
     gat.train(tcfg)
     if rank == 0:
