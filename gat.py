@@ -931,7 +931,7 @@ def load_vae(name, device, dtype=None):
     except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
         where = ("is not a folder holding an AutoencoderKL" if os.path.exists(name) else
                  "is neither a local folder nor a hub model available here (offline? not cached?)")
-        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
+        raise UserError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
                          "AutoencoderKL.save_pretrained (offline: on a machine with internet run AutoencoderKL"
                          ".from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(DIR), copy DIR over and "
                          f"pass --vae DIR). Cause: {type(e).__name__}: {e}") from e
