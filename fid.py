@@ -291,7 +291,8 @@ def load_inception(path=None, device="cpu"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip or torch errors, whatever the file is instead
-            raise InputError(f"cannot read the Inception weights {path} (damaged or not a torch file): {e}") from e
+            raise InputError(f"cannot read the Inception weights {path} (damaged or not a torch file): "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     try:
         model.load_state_dict(state, strict=True)  # raises on any missing/unexpected key or shape mismatch
     except RuntimeError as e:

@@ -766,7 +766,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch's are long
+        raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {first}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"'{path}' is not a gat.py checkpoint (expected format '{CKPT_FORMAT}')")
     return ckpt

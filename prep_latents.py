@@ -111,7 +111,7 @@ def scan(root):
             else:
                 ignored.append(rel)
     if not files:
-        raise SystemExit(f"error: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
+        raise SystemExit(f"error: --images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
     return classes, files, labels, ignored
 
 
