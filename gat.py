@@ -94,15 +94,15 @@ class Config:
     run: str = ""                       # run name; default from size, patch and data
     resume: str = "auto"                # "auto" (the run's latest.pt if any), "none", or a path
     seed: int = 0
-    log_every: int = 10                 # host syncs (loss.item, NaN check, stop signal) only here
-    sample_every: int = 1250            # fixed-noise EMA sample grid PNG
+    log_every: int = 10                 # host syncs (loss.item, NaN check, stop signal) only here; >= 1
+    sample_every: int = 1250            # fixed-noise EMA sample grid PNG; 0 = off
     sample_truncation: float = 0.0      # truncation of the grid (0 = none; fraction toward class mean)
-    ckpt_every: int = 2000              # overwrite checkpoints/latest.pt (atomically)
-    snapshot_every: int = 20000         # keep checkpoints/<step>.pt
+    ckpt_every: int = 2000              # overwrite checkpoints/latest.pt (atomically); 0 = only at the end or a stop
+    snapshot_every: int = 20000         # keep checkpoints/<step>.pt; 0 = off
     max_minutes: float = 0.0            # stop (with a checkpoint) after this wall time; 0 = no limit
     fid_every: int = 0                  # FID-5K of EMA G against --fid-ref every N steps; 0 = off
     fid_ref: str = ""                   # reference stats .npz (fid.py / prep_latents.py --ref-stats)
-    fid_num: int = 5000
+    fid_num: int = 5000                 # images per training-time FID (>= 2; below 2,049 strongly biased)
     fid_inception: str = ""             # Inception weights file; default: download to the torch hub cache
     # speed
     device: str = ""                    # default: cuda if available, else cpu
@@ -675,7 +675,12 @@ def update_ema(ema, model, decay):
 # permutation per epoch; the global batch at step s is perm[s*B:(s+1)*B] and rank r takes its slice,
 # so the data position is the step itself and a resume continues the exact sequence.
 # ------------------------------------------------------------------------------------------------
-class DataError(ValueError):
+class UserError(ValueError):
+    """Bad input (a setting, a file, a device): the command lines print it as one `error: ...` line and
+    exit 1; anything else is a bug and keeps its traceback."""
+
+
+class DataError(UserError):
     pass
 
 
@@ -744,6 +749,9 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).numpy()
 
 
+DIGITS_TRAIN = 1297  # training split of the digits (known before loading them, for validate_config)
+
+
 def load_digits_dataset():
     """The 1,797 8x8 digits that scikit-learn ships (offline), in [-1, 1], split 1,297 train / 500
     held out with a fixed seed. The GAN trains on the first split only."""
@@ -752,7 +760,7 @@ def load_digits_dataset():
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1  # [1797, 1, 8, 8], 0..16 -> -1..1
     y = torch.tensor(d.target)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, held = perm[:1297], perm[1297:]
+    train, held = perm[:DIGITS_TRAIN], perm[DIGITS_TRAIN:]
     return dict(x=x[train], y=y[train], x_held=x[held], y_held=y[held], num_classes=10)
 
 
@@ -763,7 +771,7 @@ def load_digits_dataset():
 CKPT_FORMAT = "gat-ckpt-v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
@@ -790,7 +798,8 @@ def read_torch_file(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch's are long
+        raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {first}") from e
 
 
 def load_checkpoint(path):
@@ -1027,7 +1036,7 @@ def load_vae(name, device, dtype=None):
     except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
         where = ("is not a folder holding an AutoencoderKL" if os.path.exists(name) else
                  "is neither a local folder nor a hub model available here (offline? not cached?)")
-        raise ValueError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
+        raise UserError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
                          "AutoencoderKL.save_pretrained (offline: on a machine with internet run AutoencoderKL"
                          ".from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(DIR), copy DIR over and "
                          f"pass --vae DIR). Cause: {type(e).__name__}: {e}") from e
@@ -1079,17 +1088,22 @@ def use_bf16(cfg, device):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def progress_bar(cfg, step, master):
+    """With a time budget the clock decides when the run ends: a bar over the budget's seconds with the
+    step count in front (a bar over --steps would show 100,000 steps and a wrong ETA); else over steps."""
+    from tqdm import tqdm
+    if cfg.max_minutes:
+        return tqdm(total=round(cfg.max_minutes * 60), disable=not master, dynamic_ncols=True,
+                    bar_format="{desc} |{bar}| {elapsed} of the " + f"{cfg.max_minutes:g}-minute budget" + "{postfix}")
+    return tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) must divide by the number of processes "
-                         f"{world}; use e.g. {cfg.batch_size // world * world or world}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.fid_every and not os.path.isfile(cfg.fid_ref):
-        raise ValueError(f"--fid-every needs --fid-ref, a reference stats .npz (got {cfg.fid_ref!r}); write one "
-                         "with `python prep_latents.py ... --ref-stats` or `python fid.py REF.npz REF.npz --save-stats`")
     data = prepare_data(cfg)
+    check_batch_size(cfg.batch_size, len(data["x"]) if cfg.data_kind == "pixel" else len(data["index"]), world)
     run_dir = os.path.join(cfg.results, cfg.run)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     resume_path = (os.path.join(ckpt_dir, "latest.pt") if cfg.resume == "auto" else
@@ -1155,8 +1169,7 @@ def train(cfg):
         print(f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
                                                  if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
               + ("; then the demo prints what G learned" if judge is not None else ""))
-    from tqdm import tqdm
-    bar = tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar, t_bar = progress_bar(cfg, step, master), time.time()
     stop_reason = None
     for batch in batch_iterator(data, cfg, rank, world, step, device):
         out = train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
@@ -1164,10 +1177,16 @@ def train(cfg):
             sums[k] = sums.get(k, 0) + v.float()
         n_sum += 1
         step += 1
-        bar.update(1)
+        if cfg.max_minutes:  # host clock only: the bar never waits on the device
+            bar.set_description_str(f"step {step:,}", refresh=False)
+            bar.update(min(time.time() - t_bar, bar.total - bar.n))
+            t_bar = time.time()
+        else:
+            bar.update(1)
         timed_out = cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes
         snapshot = cfg.snapshot_every and step % cfg.snapshot_every == 0
-        check = (step % cfg.log_every == 0 or step % cfg.ckpt_every == 0 or step == cfg.steps or snapshot
+        periodic_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0
+        check = (step % cfg.log_every == 0 or periodic_ckpt or step == cfg.steps or snapshot
                  or (world == 1 and (STOP["signal"] or timed_out))
                  or (cfg.sample_every and step % cfg.sample_every == 0) or (cfg.fid_every and step % cfg.fid_every == 0))
         if not check:
@@ -1212,7 +1231,7 @@ def train(cfg):
         sums, n_sum, t_last, step_last = {}, 0, time.time(), step
         if vals[-1] > 0:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
-        if step % cfg.ckpt_every == 0 or snapshot or stop_reason or step == cfg.steps:
+        if periodic_ckpt or snapshot or stop_reason or step == cfg.steps:
             checkpoint(os.path.join(ckpt_dir, "latest.pt"))
         if snapshot and master:  # a kept copy, made the same atomic way
             import shutil
@@ -1545,6 +1564,100 @@ def benchmark(cfg, warmup=None, iters=None):
 INTERNAL = {"num_classes", "channels", "input_size", "data_kind"}
 
 
+def check_device(flag, name):
+    """torch.device(name) for cpu, cuda or cuda:N that exists here; else a UserError naming the flag."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name!r}: this machine has no CUDA GPU visible to torch; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+def check_batch_size(batch_size, n_images, world):
+    """The global batch must split evenly over the ranks and fit in the data (batches drop the rest)."""
+    if batch_size % world:
+        raise UserError(f"--batch-size {batch_size} (global) must divide by the number of processes "
+                        f"{world}; use e.g. {batch_size // world * world or world}")
+    if batch_size > n_images:
+        raise UserError(f"--batch-size {batch_size} exceeds the {n_images:,} training images; use at most {n_images}")
+
+
+def _augment_ok(policy):
+    return all(op in AUGMENT_POLICY.split(",") for op in policy.split(",")) if policy else True
+
+
+# validate_config's table: (field, test of its value, what is allowed). One line per setting, so a new
+# flag adds its check here; checks that need several fields or the file system follow in validate_config.
+CONFIG_CHECKS = [
+    ("size", lambda v: v in MODEL_SIZES, f"one of {', '.join(MODEL_SIZES)}"),
+    ("patch", lambda v: v in PATCH_SIZES, f"one of {', '.join(map(str, PATCH_SIZES))}"),
+    ("z_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("num_levels", lambda v: v >= 1, "an integer >= 1 (1 = no MNG)"),
+    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("num_workers", lambda v: v >= 0, "an integer >= 0 (0 = load in the main process)"),
+    ("r1_gamma", lambda v: v >= 0, "a number >= 0"),
+    ("r2_gamma", lambda v: v >= 0, "a number >= 0"),
+    ("gp_sigma", lambda v: v > 0, "a number > 0"),
+    ("repa_weight", lambda v: v >= 0, "a number >= 0 (0 = no REPA)"),
+    ("augment", _augment_ok, f"a comma-separated subset of {AUGMENT_POLICY}, or '' for none"),
+    ("base_lr", lambda v: v > 0, "a number > 0"),
+    ("beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("grad_clip", lambda v: v > 0, "a number > 0"),
+    ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = the EMA is the raw G)"),
+    ("steps", lambda v: v >= 1, "an integer >= 1"),
+    ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("log_every", lambda v: v >= 1, "an integer >= 1"),
+    ("sample_every", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    ("sample_truncation", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("ckpt_every", lambda v: v >= 0, "an integer >= 0 (0 = only at the end or a stop)"),
+    ("snapshot_every", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    ("max_minutes", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
+    ("fid_every", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
+    ("fid_num", lambda v: v >= 2, "an integer >= 2 (a covariance needs two images; use 5000 or more)"),
+    ("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16"),
+]
+
+
+def validate_config(cfg):
+    """Every setting checked before anything heavy is loaded: a UserError naming the flag, the value and
+    what is allowed. The data-dependent checks (batch size vs a latent dataset) follow in train()."""
+    for f in dataclasses.fields(cfg):  # inf and nan pass most bounds above; no setting wants them
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise UserError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: expected a finite number")
+    for name, ok, allowed in CONFIG_CHECKS:
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} {value!r}: expected {allowed}")
+    depth = MODEL_SIZES[cfg.size]["depth"]
+    if depth % cfg.num_levels:
+        divisors = [k for k in range(1, depth + 1) if depth % k == 0]
+        raise UserError(f"--num-levels {cfg.num_levels}: GAT-{cfg.size} has {depth} blocks, which must divide "
+                        f"into the levels; use one of {divisors}")
+    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
+        raise UserError(f"--resume {cfg.resume!r}: no such file; give 'auto', 'none' or a checkpoint file")
+    if cfg.fid_every and not os.path.isfile(cfg.fid_ref):
+        raise UserError(f"--fid-every {cfg.fid_every} needs --fid-ref, a reference stats .npz (got {cfg.fid_ref!r}); write one "
+                        "with `python prep_latents.py ... --ref-stats` or `python fid.py REF.npz REF.npz --save-stats`")
+    if cfg.fid_inception and not os.path.isfile(cfg.fid_inception):
+        raise UserError(f"--fid-inception {cfg.fid_inception!r}: no such file (see fid.py for the weights)")
+    if cfg.device:
+        check_device("--device", cfg.device)
+    if cfg.repa_weight > 0 and cfg.data != "digits":
+        import timm
+        if not timm.is_model(cfg.repa_teacher):
+            raise UserError(f"--repa-teacher {cfg.repa_teacher!r}: not a timm model name (default {REPA_TEACHER})")
+    if cfg.data == "digits":  # the size is known without loading the data
+        check_batch_size(cfg.batch_size, DIGITS_TRAIN, int(os.environ.get("WORLD_SIZE", 1)))
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAT: Scalable GANs with Transformers (train, demo, benchmark). "
                                 "--data digits: the CPU demo preset (DIGITS_PRESET) under the flags given.")
@@ -1567,21 +1680,20 @@ def parse_args(argv=None):
             setattr(cfg, k, v)
     if args["no_mng"]:
         cfg.num_levels = 1
-    if cfg.size not in MODEL_SIZES or cfg.patch not in PATCH_SIZES:
-        p.error(f"--size must be one of {list(MODEL_SIZES)} and --patch one of {PATCH_SIZES}")
     return cfg, args["bench"]
 
 
 def main(argv=None):
     cfg, bench = parse_args(argv)
     try:
+        validate_config(cfg)
         if bench:
             benchmark(cfg)
         else:
             train(cfg)
-    except (DataError, CheckpointError, FloatingPointError, ValueError) as e:
+    except (UserError, FloatingPointError) as e:  # a NaN run exits 3: the settings were fine, the run diverged
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1 if not isinstance(e, FloatingPointError) else 3)
+        sys.exit(1 if isinstance(e, UserError) else 3)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def parse_args(argv=None):
                    help="also write the Inception statistics of the valid images to this .npz, for fid.py")
     p.add_argument("--inception", default=None, help="local Inception weights for --ref-stats (see fid.py)")
     args = p.parse_args(argv)
+    validate_args(args)
     if args.precision is None:
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
     if args.workers is None:
@@ -67,20 +68,36 @@ def parse_args(argv=None):
     return args
 
 
+def validate_args(args):
+    """Every setting checked before torch.distributed, the scan or the VAE: one `error: ...` line (exit 1)."""
+    for flag, value, least in (("--resolution", args.resolution, 8), ("--batch-size", args.batch_size, 1),
+                               ("--shard-size", args.shard_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise SystemExit(f"error: {flag} {value}: expected an integer >= {least}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"error: --out {args.out!r} is a file: give a folder (created if missing, resumed if not)")
+    if args.inception and not os.path.isfile(args.inception):
+        raise SystemExit(f"error: --inception {args.inception!r}: no such file")
+    try:
+        gat.check_device("--device", args.device)
+    except gat.UserError as e:
+        raise SystemExit(f"error: {e}")
+
+
 # -----------------------------------------------------------------------------
 # what the slots are
 
 def scan(root):
     """Sorted class folders and, in slot order, their image files; everything else comes back as ignored."""
     if not os.path.isdir(root):
-        raise SystemExit(f"--images {root!r} is not a folder: pass the folder whose subfolders are the classes "
+        raise SystemExit(f"error: --images {root!r} is not a folder: pass the folder whose subfolders are the classes "
                          f"(for ImageNet, the train/ folder)")
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     # A hidden folder (.ipynb_checkpoints, .cache) would otherwise become a class and shift every later label.
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     ignored = [e.name for e in entries if not (e.is_dir() and not e.name.startswith("."))]
     if not classes:
-        raise SystemExit(f"--images {root!r} has no class subfolders: expected one folder per class with its "
+        raise SystemExit(f"error: --images {root!r} has no class subfolders: expected one folder per class with its "
                          f"images inside (ImageNet's train/n01440764/*.JPEG layout)")
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -94,7 +111,7 @@ def scan(root):
             else:
                 ignored.append(rel)
     if not files:
-        raise SystemExit(f"no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
+        raise SystemExit(f"error: --images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
     return classes, files, labels, ignored
 
 
@@ -150,7 +167,7 @@ def settings(args, vae):
     """What the contents depend on; a resumed run must match them exactly."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if args.resolution % factor:
-        raise SystemExit(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        raise SystemExit(f"error: --resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     side = args.resolution // factor
     return {"resolution": args.resolution, "latent_shape": [vae.config.latent_channels, side, side],
             "vae": args.vae, "latent_scale": vae.config.scaling_factor, "shard_size": args.shard_size,
@@ -165,12 +182,12 @@ def prepare(args, vae, classes, files, labels):
         manifest = read_json(path)
         have = {k: manifest.get(k) for k in want}
         if manifest.get("format") != FORMAT or have != want:
-            raise SystemExit(f"{out} holds a run with other settings ({have}, this run: {want}): "
+            raise SystemExit(f"error: {out} holds a run with other settings ({have}, this run: {want}): "
                              f"pass the same arguments to resume it, or another --out")
         with open(os.path.join(out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
             old = f.read().splitlines()
         if old != files or manifest["class_names"] != classes:
-            raise SystemExit(f"the images under {args.images} changed since {out} was started ({len(old)} files "
+            raise SystemExit(f"error: the images under {args.images} changed since {out} was started ({len(old)} files "
                              f"then, {len(files)} now): pass another --out, or delete {out} to start over")
         return manifest
     os.makedirs(os.path.join(out, "progress"), exist_ok=True)
@@ -209,7 +226,7 @@ def finish(out, manifest, ignored):
     def fail(message):
         manifest.update(num_valid=None, complete=False)  # also when an earlier run had called it complete
         write_json(path, manifest)
-        raise SystemExit(message)
+        raise SystemExit(f"error: {message}")
 
     missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(marker(out, s))]
     if missing:
@@ -251,7 +268,7 @@ def load_vae(name, device):
     try:
         vae = gat.load_vae(name, device, dtype=torch.float32)
     except ValueError as e:
-        raise SystemExit(str(e))
+        raise SystemExit(f"error: {e}")
     return vae.to(memory_format=torch.channels_last)
 
 

@@ -72,18 +72,38 @@ def parse_args(argv=None):
                         "linear in w")
     p.add_argument("--frames", type=int, default=8, help="--interpolate: number of frames")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def validate_args(args):
+    """Every setting checked before the checkpoint is read: a gat.UserError naming the flag, the value
+    and what is allowed (classes are checked against the checkpoint once it is loaded)."""
+    for flag, value, least in (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
+                               ("--cols", args.cols, 1), ("--frames", args.frames, 2), ("--seed", args.seed, 0)):
+        if value < least:
+            raise gat.UserError(f"{flag} {value}: expected an integer >= {least}")
     if args.grid and args.interpolate:
-        p.error("--grid and --interpolate are separate modes: give one of them")
-    if any(not 0 <= t <= 1 for t in args.truncation):
-        p.error("--truncation values must lie in [0, 1] (0 = none, 1 = class-mean image)")
+        raise gat.UserError("--grid and --interpolate are separate modes: give one of them")
+    bad = [t for t in args.truncation if not 0 <= t <= 1]
+    if bad:
+        raise gat.UserError(f"--truncation {bad[0]:g}: expected values in [0, 1] (0 = none, 1 = class-mean image)")
     if len(args.truncation) > 1 and not args.grid:
-        p.error("several --truncation values are for --grid only; give one value")
-    if any(not 0 <= s <= 100 for s in args.guidance) or (len(args.guidance) > 1 and not args.grid):
-        p.error(f"--guidance {args.guidance}: give values in [0, 100] (1 = off, 0 = class-free), several only with --grid")
-    if args.num_images < 1 or args.batch_size < 1 or args.cols < 1 or args.frames < 2 or args.seed < 0:
-        p.error("--num-images, --batch-size and --cols must be >= 1, --frames >= 2, --seed >= 0")
-    return args
+        raise gat.UserError(f"--truncation {' '.join(f'{t:g}' for t in args.truncation)}: several values are "
+                            "for --grid only; give one value")
+    bad = [g for g in args.guidance if not 0 <= g <= 100]
+    if bad:
+        raise gat.UserError(f"--guidance {bad[0]:g}: expected values in [0, 100] (1 = off, 0 = class-free)")
+    if len(args.guidance) > 1 and not args.grid:
+        raise gat.UserError(f"--guidance {' '.join(f'{g:g}' for g in args.guidance)}: several values are "
+                            "for --grid only; give one value")
+    if args.interpolate and min(args.interpolate) < 0:
+        raise gat.UserError(f"--interpolate {args.interpolate[0]} {args.interpolate[1]}: image indices must be >= 0")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise gat.UserError(f"--out {args.out!r} is a file: give a folder (it is created if missing)")
+    if not os.path.isfile(args.ckpt):
+        raise gat.UserError(f"--ckpt: checkpoint '{args.ckpt}' does not exist")
+    if args.device:
+        gat.check_device("--device", args.device)
 
 
 def parse_classes(spec, num_classes, default):
@@ -96,10 +116,10 @@ def parse_classes(spec, num_classes, default):
     try:
         classes = [int(c) for c in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--classes '{spec}': give 'random', 'balanced' or comma-separated class indices") from None
+        raise gat.UserError(f"--classes '{spec}': give 'random', 'balanced' or comma-separated class indices") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
-        raise ValueError(f"--classes {bad}: this checkpoint has classes 0..{num_classes - 1}")
+        raise gat.UserError(f"--classes {bad}: this checkpoint has classes 0..{num_classes - 1}")
     return classes
 
 
@@ -120,7 +140,7 @@ def load_model(args, device):
         return G, cfg, None
     name = args.vae or cfg.vae
     if not name:
-        raise ValueError(f"checkpoint '{args.ckpt}' names no VAE: give --vae (a folder saved with "
+        raise gat.UserError(f"checkpoint '{args.ckpt}' names no VAE: give --vae (a folder saved with "
                          "AutoencoderKL.save_pretrained, or a hub name like stabilityai/sd-vae-ft-ema)")
     return G, cfg, gat.load_vae(name, device)
 
@@ -172,7 +192,7 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
     lo, hi = (min(N, B * (n_batches * r // world)) for r in (rank, rank + 1))
     png_dir = os.path.join(args.out, "images")
     if not args.no_png and os.path.isdir(png_dir) and os.listdir(png_dir):
-        raise ValueError(f"{png_dir} is not empty: remove it or choose another --out (old images would "
+        raise gat.UserError(f"{png_dir} is not empty: remove it or choose another --out (old images would "
                          "mix with the new ones in an FID over the folder)")
     shard_path, label_path = (os.path.join(args.out, f".{what}_rank{rank}.npy") for what in ("shard", "labels"))
     for path in (shard_path, label_path):
@@ -236,7 +256,7 @@ def sample_grid(G, cfg, vae, args, device):
     truncations and guidance scales."""
     classes = parse_classes(args.classes, cfg.num_classes, ",".join(map(str, range(min(10, cfg.num_classes)))))
     if classes is None:
-        raise ValueError("--grid needs class rows: give --classes as a list, or 'balanced' for all classes")
+        raise gat.UserError("--grid needs class rows: give --classes as a list, or 'balanced' for all classes")
     z, _ = latent_codes(args.seed, range(args.cols), cfg.z_dim, cfg.num_classes)
     pairs = [(t, s) for t in args.truncation for s in args.guidance]
     R, T, J = len(classes), len(pairs), args.cols
@@ -262,7 +282,7 @@ def sample_interpolation(G, cfg, vae, args, device):
     last class): one class and two z, or one z and two classes. Saved as a strip and as single frames."""
     classes = parse_classes(args.classes, cfg.num_classes, "0")
     if classes is None or len(classes) > 2:
-        raise ValueError("--interpolate takes one class (between two z) or two (between two classes) in --classes")
+        raise gat.UserError("--interpolate takes one class (between two z) or two (between two classes) in --classes")
     (i, j), t, s = args.interpolate, args.truncation[0], args.guidance[0]
     z, _ = latent_codes(args.seed, [i, j], cfg.z_dim, cfg.num_classes)
     alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]
@@ -281,16 +301,17 @@ def sample_interpolation(G, cfg, vae, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = gat.setup_distributed(args)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
+        validate_args(args)
+        rank, world, device = gat.setup_distributed(args)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         G, cfg, vae = load_model(args, device)
         if args.grid or args.interpolate:
             if rank == 0:  # small jobs: one process does them
                 (sample_grid if args.grid else sample_interpolation)(G, cfg, vae, args, device)
         else:
             sample_fid(G, cfg, vae, args, rank, world, device)
-    except (gat.CheckpointError, ValueError) as e:
+    except gat.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -685,8 +685,8 @@ def test_training_time_fid_is_logged(tmp_path, monkeypatch):
     lines = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
     fids = [l["fid"] for l in lines if "fid" in l]
     assert len(fids) == 2 and all(math.isfinite(f) and f > 0 for f in fids)
-    with pytest.raises(ValueError, match="--fid-ref"):
-        gat.train(digits_cfg(tmp_path, run="nofid", steps=2, fid_every=2))
+    with pytest.raises(gat.UserError, match="--fid-ref"):
+        gat.validate_config(digits_cfg(tmp_path, run="nofid", steps=2, fid_every=2))
 
 
 def test_collapsed_generator_is_reported_as_collapsed():
@@ -1396,13 +1396,13 @@ def test_fid_state_dict_layout_and_strict_loading(tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(loaded.state_dict()["Mixed_6d.branch1x1.bn.running_var"], synthetic["Mixed_6d.branch1x1.bn.running_var"])
     torch.save({k: v for k, v in synthetic.items() if k != "fc.bias"}, tmp_path / "missing_key.pth")
-    with pytest.raises(RuntimeError, match="fc.bias"):
+    with pytest.raises(fid.InputError, match="fc.bias"):
         fid.load_inception(tmp_path / "missing_key.pth")
     for bad in ({**synthetic, "AuxLogits.fc.weight": torch.zeros(3)},
                 {**synthetic, "Mixed_5b.branch_pool.conv.weight": torch.zeros(64, 192, 1, 1)}):
         with pytest.raises(RuntimeError):
             fid.InceptionV3FID().load_state_dict(bad, strict=True)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(fid.InputError, match="not found"):
         fid.load_inception(tmp_path / "missing.pth")
 
 
@@ -1411,7 +1411,7 @@ def test_fid_default_weights_offline_error(tmp_path, monkeypatch):
         raise OSError("network unreachable")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RuntimeError, match="--inception PATH"):
+    with pytest.raises(fid.InputError, match="--inception PATH"):
         fid.load_inception()
 
 
@@ -1529,14 +1529,19 @@ def test_fid_sqrt_matches_scipy_and_survives_rank_deficiency():
     assert abs(fid.frechet_distance(mu1, r1, mu1, r1)) < 1e-6 * np.trace(r1)
 
 
-def test_fid_stats_from_features_float64_ddof1_and_too_few_samples():
+def test_fid_stats_from_features_float64_ddof1_and_few_samples():
     feats = np.random.default_rng(2).normal(size=(100, 8)).astype(np.float32)
     mu, sigma = fid.stats_from_features(torch.from_numpy(feats))
     assert mu.dtype == sigma.dtype == np.float64
     assert np.allclose(sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12)
     assert np.allclose(sigma * 99 / 100, np.cov(feats.astype(np.float64), rowvar=False, ddof=0), rtol=1e-12)
-    with pytest.raises(ValueError, match="need at least 2049"):
-        fid.stats_from_features(np.zeros((2048, 2048)))
+    # fewer samples than dims: a singular covariance, yet the distance is defined (FID-1K for quick checks)
+    few = np.random.default_rng(3).normal(size=(50, 2048))
+    mu, sigma = fid.stats_from_features(few)
+    assert np.linalg.matrix_rank(sigma) == 49
+    assert 0 < fid.frechet_distance(mu, sigma, mu + 0.1, np.eye(2048)) < np.inf
+    with pytest.raises(fid.InputError, match="at least 2"):
+        fid.stats_from_features(few[:1])
 
 
 def test_fid_inception_score():
@@ -1625,10 +1630,10 @@ def test_fid_image_sources(tmp_path):
 
 
 def _fid_run_cli(monkeypatch, capsys, *argv):
-    monkeypatch.setattr(sys, "argv", ["fid.py", *map(str, argv)])
-    fid.main()
-    lines = capsys.readouterr().out.strip().splitlines()
-    return json.loads(lines[-1]), lines
+    fid.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    return json.loads(lines[-1]), lines + out.err.splitlines()
 
 
 def test_fid_cli_stats_only(tmp_path, monkeypatch, capsys):
@@ -1655,16 +1660,28 @@ def test_fid_cli_images_with_reference_batch(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "samples.npz", arr_0=images, mu=stats["mu"], sigma=stats["sigma"])
     np.savez(tmp_path / "ref.npz", arr_0=images, **{**stats, "mu": stats["mu"] + 1})
     loads = []
+    (tmp_path / "weights.pth").write_bytes(b"")  # validate_args checks that the file exists
     monkeypatch.setattr(fid, "load_inception", lambda path, device: loads.append((path, device)) or _FidMeanModel())
     result, lines = _fid_run_cli(monkeypatch, capsys, tmp_path / "samples.npz", tmp_path / "ref.npz",
-                                 "--inception", "weights.pth", "--batch-size", 3, "--device", "cpu")
-    assert loads == [("weights.pth", "cpu")]  # loaded once, for both sides
+                                 "--inception", tmp_path / "weights.pth", "--batch-size", 3, "--device", "cpu")
+    assert loads == [(str(tmp_path / "weights.pth"), "cpu")]  # loaded once, for both sides
     assert result["fid"] == pytest.approx(16.0)
     logits = _FidMeanModel()(torch.from_numpy(images))["logits"].detach()
     assert result["inception_score"] == pytest.approx(fid.inception_score(logits), rel=1e-6)
     assert (result["precision"], result["recall"]) == (1.0, 1.0)
     assert result["n_samples"] == 4 and "sfid" not in result  # samples carry no mu_s
     assert any("not comparable with FID-50K" in line for line in lines)
+
+
+def test_fid_cli_small_sample_warns_and_computes(tmp_path, monkeypatch, capsys):
+    images = _fid_images(5, size=16, seed=9)
+    np.savez(tmp_path / "a.npz", arr_0=images)
+    np.savez(tmp_path / "b.npz", arr_0=images[::-1].copy())
+    (tmp_path / "w.pth").write_bytes(b"")
+    monkeypatch.setattr(fid, "load_inception", lambda path, device: _FidMeanModel())
+    result, lines = _fid_run_cli(monkeypatch, capsys, tmp_path / "a.npz", tmp_path / "b.npz", "--inception", tmp_path / "w.pth")
+    assert abs(result["fid"]) < 1e-6 and result["n_samples"] == 5  # same images, other order
+    assert any(line.startswith("warning: samples: 5 images, fewer than 2,049") for line in lines)
 
 
 class _FidMeanModel(nn.Module):
@@ -1696,6 +1713,89 @@ def test_fid_sharded_extraction_under_two_processes(tmp_path):
         out = torch.load(tmp_path / f"r{rank}.pt", weights_only=False)
         assert np.array_equal(out["pool"], single)  # same rows, same order as one process
         assert out["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+
+
+# ================================================================================================
+# every script: wrong invocations end in one `error:` line naming the flag, never a traceback
+# ================================================================================================
+def _bad_inputs(tmp):
+    """(script, argv, the flag or argument the message must name) for each wrong invocation."""
+    rng = np.random.default_rng(0)
+    ok = tmp / "ok.npz"
+    np.savez(ok, arr_0=rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp / "float.npz", arr_0=rng.random((3, 8, 8, 3)).astype(np.float32))
+    np.savez(tmp / "grey.npz", arr_0=rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))
+    np.savez(tmp / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
+    (tmp / "file").write_text("x")
+    (tmp / "imgs" / "c").mkdir(parents=True)
+    d = ["--data", "digits", "--results", str(tmp / "runs")]
+    gat_cases = [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
+                 (["--batch-size", "5000"], "--batch-size"), (["--num-levels", "0"], "--num-levels"),
+                 (["--num-levels", "3"], "--num-levels"), (["--log-every", "0"], "--log-every"),
+                 (["--device", "cuda:7"], "--device"), (["--device", "tpu9"], "--device"),
+                 (["--ema-decay", "2"], "--ema-decay"), (["--augment", "bogus"], "--augment"),
+                 (["--z-dim", "0"], "--z-dim"), (["--precision", "fp16"], "--precision"),
+                 (["--max-minutes", "-1"], "--max-minutes"), (["--size", "XXL"], "--size"), (["--patch", "3"], "--patch"),
+                 (["--resume", str(tmp / "none.pt")], "--resume"), (["--fid-every", "5"], "--fid-every"),
+                 (["--fid-num", "1"], "--fid-num"), (["--sample-truncation", "1.5"], "--sample-truncation"),
+                 (["--beta2", "1"], "--beta2"), (["--steps", "0"], "--steps"), (["--base-lr", "inf"], "--base-lr"),
+                 (["--r1-gamma", "nan"], "--r1-gamma"), (["--batch-size", "x"], "--batch-size")]
+    cases = [("gat", d + argv, flag) for argv, flag in gat_cases]
+    cases += [("gat", ["--data", str(tmp / "nowhere"), "--results", str(tmp / "runs")], "--data"),
+              ("gat", d + ["--bench", "--device", "tpu9"], "--device")]
+    c = ["--ckpt", str(tmp / "file")]
+    cases += [("sample", c + ["--out", str(tmp / "file")], "--out"), ("sample", ["--ckpt", str(tmp / "no.pt")], "--ckpt"),
+              ("sample", c + ["--device", "tpu9"], "--device"), ("sample", c + ["--num-images", "0"], "--num-images"),
+              ("sample", c + ["--truncation", "2"], "--truncation"), ("sample", c + ["--frames", "1"], "--frames"),
+              ("sample", c + ["--grid", "--interpolate", "0", "1"], "--interpolate"),
+              ("sample", c + ["--truncation", "0", "0.5"], "--truncation"), ("sample", c + ["--seed", "-1"], "--seed"),
+              ("sample", c + ["--guidance", "101"], "--guidance"), ("sample", c + ["--guidance", "1", "2"], "--guidance")]
+    cases += [("fid", [str(tmp / "no.npz"), str(ok)], "no.npz"), ("fid", [str(tmp / "float.npz"), str(ok)], "uint8"),
+              ("fid", [str(tmp / "grey.npz"), str(ok)], "N x H x W x 3"), ("fid", [str(tmp / "one.npz"), str(ok)], "one.npz"),
+              ("fid", [str(ok), str(ok), "--device", "tpu9"], "--device"), ("fid", [str(ok), str(ok), "--batch-size", "0"], "--batch-size"),
+              ("fid", [str(ok), str(ok), "--inception", str(tmp / "no.pth")], "--inception"),
+              ("fid", [str(ok), str(ok), "--inception", str(tmp / "file")], "Inception weights"),
+              ("fid", [str(tmp / "file"), str(ok)], "SAMPLES"), ("fid", [str(ok), str(ok), "--save-stats", str(tmp / "x" / "s.npz")], "--save-stats")]
+    p = ["--out", str(tmp / "prep"), "--device", "cpu"]
+    cases += [("prep_latents", ["--images", str(tmp / "nowhere")] + p, "--images"),
+              ("prep_latents", ["--images", str(tmp / "imgs")] + p, "--images"),
+              ("prep_latents", ["--images", str(tmp), "--out", str(tmp / "file")], "--out"),
+              ("prep_latents", ["--images", str(tmp), "--device", "tpu9"], "--device"),
+              ("prep_latents", ["--images", str(tmp), "--batch-size", "0"] + p, "--batch-size"),
+              ("prep_latents", ["--images", str(tmp), "--resolution", "0"] + p, "--resolution"),
+              ("prep_latents", ["--images", str(tmp), "--inception", str(tmp / "no.pth")] + p, "--inception")]
+    return cases
+
+
+def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys):
+    """In-process: main(argv) of each script; SystemExit non-zero, one `error:` line naming the flag, and no
+    traceback (an exception other than SystemExit fails the test with its own traceback)."""
+    modules = {"gat": gat, "sample": sample, "fid": fid, "prep_latents": prep_latents}
+    cases = _bad_inputs(tmp_path)
+    for script, argv, named in cases:
+        with pytest.raises(SystemExit) as e:
+            modules[script].main(argv)
+        err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")  # prep: SystemExit(msg)
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert e.value.code not in (0, None) and len(errors) == 1 and named in errors[0], (script, argv, err)
+        assert "Traceback" not in err, (script, argv, err)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "prep").exists()  # refused before writing
+    assert len(cases) >= 45
+
+
+def test_wrong_invocations_on_the_real_command_line(tmp_path):
+    for script, argv in (("gat.py", ["--data", "digits", "--ckpt-every", "-1"]),
+                         ("fid.py", [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])):
+        out = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_time_budget_bar_counts_minutes():
+    cfg = gat.Config(steps=100_000, max_minutes=9.0)
+    bar = gat.progress_bar(cfg, 0, master=False)
+    assert bar.total == 540  # seconds of the budget, not 100,000 steps
+    assert gat.progress_bar(gat.Config(steps=50), 0, master=False).total == 50
 
 
 if __name__ == "__main__":
