@@ -26,6 +26,7 @@ Run:
   python gat.py --bench --size S --batch-size 8          # speed: ms/it, images/s, MFU
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -72,6 +73,7 @@ class Config:
     # data
     data: str = "data/imagenet256"      # prep_latents.py output dir, or "digits" for the CPU demo
     batch_size: int = 512               # global batch, split over the ranks
+    grad_accum: int = 1                 # micro-batches per rank and step (same global batch, less memory)
     num_workers: int = 4                # DataLoader workers reading the memory-mapped arrays
     # losses (paper: relativistic loss + approximated R1/R2 + REPA on D)
     r1_gamma: float = 0.1               # weight gamma of R1 (reals); added as gamma / 2
@@ -865,36 +867,67 @@ def batch_iterator(data, cfg, rank, world, start, device):
         yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
-    """One iteration. models: G and D as called in the D step (DDP / compiled wrappers), the plain
-    modules G_raw and D_raw, G_ema, and D_frozen, the (compiled) D that the G step calls outside DDP:
-    D's weights get no gradient there, so there is nothing to synchronise."""
+def sync_on_last(model, i, n):
+    """DDP all-reduces gradients in every backward; while accumulating, only the last micro-batch's."""
+    no_sync = getattr(model, "no_sync", None)  # DDP, also seen through a torch.compile wrapper
+    return no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
+
+
+def d_step(models, opt_D, teacher, micro, cfg, autocast):
+    """D's update over the step's micro-batches [(x_real, images, y, z)]: each loss scaled by 1/N so
+    that the gradient and the logged values are the whole batch's means; one clip, one step."""
     G, D, G_raw, D_raw, G_ema, D_frozen = models
-    x_real, images, y = batch
-    z = torch.randn(x_real.shape[0], cfg.z_dim, device=x_real.device)
-    # D step: G's output is a constant here
-    with autocast:
-        with torch.no_grad():
-            fake = G_raw(z, y)[0]
-        loss_D, logs = d_loss(D, fake, x_real, y, cfg, teacher, images)
     opt_D.zero_grad(set_to_none=True)
-    loss_D.backward()
+    loss_D, logs = 0, {}
+    for i, (x_real, images, y, z) in enumerate(micro):
+        with sync_on_last(D, i, len(micro)), autocast:
+            with torch.no_grad():
+                fake = G_raw(z, y)[0]  # G's output is a constant for D
+            loss, parts = d_loss(D, fake, x_real, y, cfg, teacher, images)
+            (loss / len(micro)).backward()
+        loss_D = loss_D + loss.detach() / len(micro)
+        for k, v in parts.items():
+            logs[k] = logs.get(k, 0) + v.detach() / len(micro)
     gn_D = nn.utils.clip_grad_norm_(D_raw.parameters(), cfg.grad_clip)
     opt_D.step()
-    # G step: same reals, labels and z; D frozen so its weight gradients are not computed
+    return dict(loss_D=loss_D, grad_norm_D=gn_D, **logs)
+
+
+def g_step(models, opt_G, micro, cfg, autocast):
+    """G's update over the same micro-batches (same reals, labels and z as the D step), D frozen so
+    that its weight gradients are not computed. -> (logs, the step's w [b, C] for the class means)."""
+    G, D, G_raw, D_raw, G_ema, D_frozen = models
     D_raw.requires_grad_(False)
-    with autocast:
-        fake, w = G(z, y)
-        loss_G = g_loss(D_frozen, fake, x_real, y, cfg)
     opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
+    loss_G, ws = 0, []
+    for i, (x_real, images, y, z) in enumerate(micro):
+        with sync_on_last(G, i, len(micro)), autocast:
+            fake, w = G(z, y)
+            loss = g_loss(D_frozen, fake, x_real, y, cfg)
+            (loss / len(micro)).backward()
+        loss_G = loss_G + loss.detach() / len(micro)
+        ws.append(w.detach())
     gn_G = nn.utils.clip_grad_norm_(G_raw.parameters(), cfg.grad_clip)
     opt_G.step()
     D_raw.requires_grad_(True)
-    G_raw.update_class_means(w.detach(), y)
+    return dict(loss_G=loss_G, grad_norm_G=gn_G), torch.cat(ws)
+
+
+def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
+    """One iteration: the D step, then the G step, each over cfg.grad_accum micro-batches of this rank's
+    batch. models: G and D as called in the D step (DDP / compiled wrappers), the plain modules G_raw
+    and D_raw, G_ema, and D_frozen, the (compiled) D that the G step calls outside DDP: D's weights
+    get no gradient there, so there is nothing to synchronise."""
+    G_raw, G_ema = models[2], models[4]
+    x_real, images, y = batch
+    z = torch.randn(x_real.shape[0], cfg.z_dim, device=x_real.device)  # drawn once: the same z for any N
+    n = cfg.grad_accum
+    micro = list(zip(x_real.chunk(n), images.chunk(n) if images is not None else [None] * n, y.chunk(n), z.chunk(n)))
+    logs = d_step(models, opt_D, teacher, micro, cfg, autocast)
+    logs_G, w = g_step(models, opt_G, micro, cfg, autocast)
+    G_raw.update_class_means(w, y)  # once per step, over the whole batch
     update_ema(G_ema, G_raw, cfg.ema_decay)
-    return dict(loss_D=loss_D.detach(), loss_G=loss_G.detach(), grad_norm_D=gn_D, grad_norm_G=gn_G,
-                **{k: v.detach() for k, v in logs.items()})
+    return logs | logs_G
 
 
 def save_grid(images, nrow, path, pad=1):
@@ -974,12 +1007,22 @@ def use_bf16(cfg, device):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def check_batch_split(cfg, world):
+    """The global batch splits into world ranks x grad_accum equal micro-batches (for validate_config)."""
+    if cfg.grad_accum < 1:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} must be a whole number >= 1")
+    parts, what = world * cfg.grad_accum, f"the number of processes {world}"
+    if cfg.grad_accum > 1:
+        what += f" x --grad-accum {cfg.grad_accum} = {parts}"
+    if cfg.batch_size % parts:
+        raise ValueError(f"--batch-size {cfg.batch_size} (global) must divide by {what}; "
+                         f"use e.g. {cfg.batch_size // parts * parts or parts}")
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} (global) must divide by the number of processes "
-                         f"{world}; use e.g. {cfg.batch_size // world * world or world}")
+    check_batch_split(cfg, world)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.fid_every and not os.path.isfile(cfg.fid_ref):
         raise ValueError(f"--fid-every needs --fid-ref, a reference stats .npz (got {cfg.fid_ref!r}); write one "
@@ -1341,6 +1384,7 @@ def device_sync(device):
 def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warmup, iters = warmup or (3 if device.type == "cuda" else 1), iters or (10 if device.type == "cuda" else 3)
+    check_batch_split(cfg, 1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     # a CPU's peak is measured before and after the run and the higher one kept: a shared machine (or

@@ -529,13 +529,38 @@ D.requires_grad_(False)
 fake, w = Gd(z[rows], y[rows])
 gat.g_loss(D, fake, x[rows], y[rows], cfg).backward()
 G.update_class_means(w.detach(), y[rows])
-if rank == 0:
-    torch.save({"D": {n: p.grad for n, p in D.named_parameters()}, "G": {n: p.grad for n, p in G.named_parameters()},
-                "w_avg": G.w_avg}, out)
+saved = {"D": {n: p.grad for n, p in D.named_parameters()}, "G": {n: p.grad for n, p in G.named_parameters()},
+         "w_avg": G.w_avg}
+# a whole train_step with the penalties on, 2 micro-batches per rank under DDP against 1 process's one
+# batch; noise as a fixed function of each element (the split of the rows does not change it), and
+# train_step's z the global batch's rows of this rank
+cfg = gat.Config(size="tiny", augment="", grad_accum=2 if world > 1 else 1)
+torch.manual_seed(0)
+G, D = gat.Generator("tiny", 2, 10, 1, 8), gat.Discriminator("tiny", 2, 10, 1, 8, repa_dim=0)
+opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+models, autocast = gat.wrap_models(G, D, G, cfg, world, torch.device("cpu"))
+randn, randn_like = torch.randn, torch.randn_like
+torch.randn_like = lambda t, **kw: torch.sin(997.0 * t + 1.0)
+torch.randn = lambda *a, **kw: z[rows].clone() if a == (len(z[rows]), 64) else randn(*a, **kw)
+logs = gat.train_step(models, opt_G, opt_D, None, (x[rows], None, y[rows]), cfg, autocast)
+torch.randn, torch.randn_like = randn, randn_like
 if world > 1:
+    for v in logs.values():
+        dist.all_reduce(v)
+        v /= world
+saved["step"] = {"logs": logs, "D_grad": {n: p.grad for n, p in D.named_parameters()},
+                 "G_grad": {n: p.grad for n, p in G.named_parameters()}, "w_avg": G.w_avg.clone()}
+if rank == 0:
+    torch.save(saved, out)
+if world > 1 and (len(sys.argv) < 4 or sys.argv[3] != "step-only"):
     tcfg = gat.Config(**gat.DIGITS_PRESET)
     tcfg.results, tcfg.run, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
     tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
+    try:
+        gat.train(tcfg)
+    except ValueError as e:
+        print("BATCH_ERROR", e)
+    tcfg.batch_size, tcfg.grad_accum = 6, 2
     try:
         gat.train(tcfg)
     except ValueError as e:
@@ -545,6 +570,17 @@ if world > 1:
     if rank == 0:
         print("TRAIN_OK")
 '''
+
+
+def assert_same_step(a, b):
+    assert a["logs"].keys() == b["logs"].keys() and "r1" in a["logs"]
+    for k in a["logs"]:
+        assert torch.allclose(a["logs"][k], b["logs"][k], rtol=1e-5, atol=1e-6), k
+    for part in ("D_grad", "G_grad"):  # G's after D's update, where Adam amplified rounding (see above)
+        for name in a[part]:
+            diff = (a[part][name] - b[part][name]).norm()
+            assert diff < 1e-4 * a[part][name].norm() or diff < 1e-8, (part, name, diff)
+    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-6)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -562,7 +598,9 @@ def test_ddp_two_processes_match_one(tmp_path):
         for name in a[part]:
             assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
     assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)  # class means all-reduced over ranks
-    assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2" in two.stdout
+    assert_same_step(a["step"], b["step"])  # 2 ranks x 2 micro-batches: one process's step
+    assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2;" in two.stdout
+    assert "BATCH_ERROR --batch-size 6 (global) must divide by the number of processes 2 x --grad-accum 2 = 4" in two.stdout
     assert "TRAIN_OK" in two.stdout and ckpt_of(tmp_path, "ddp")["step"] == 2
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
 
@@ -667,6 +705,52 @@ def test_training_step_never_waits_on_the_host():
     with Calls(), Ops():  # the watch itself works: a logged value read on the host is seen
         out["loss_D"].item()
     assert seen
+
+
+def row_local_noise(monkeypatch):
+    """Noise as a fixed function of each element: a step's result then depends only on the batch's rows,
+    not on how they are split (micro-batches, ranks). MNG noise off (it is drawn with torch.randn)."""
+    monkeypatch.setattr(torch, "randn_like", lambda t, **kw: torch.sin(997.0 * t + 1.0))
+    monkeypatch.setattr(gat, "mng_perturb", lambda levels, eps: levels)
+
+
+def test_grad_accum_matches_the_big_batch(monkeypatch):
+    """N = 2 micro-batches of 2 against one batch of 4 in one iteration, REPA and penalties on: the same
+    gradients, weights, class means (classes split across micro-batches), EMA and logged values."""
+    row_local_noise(monkeypatch)
+    runs = []
+    for n in (1, 2):
+        cfg, models, opt_G, opt_D, teacher, (x, images, _), autocast = latent_step_setup()
+        cfg.augment, cfg.grad_accum = "", n
+        y = torch.tensor([1, 2, 1, 1])
+        torch.manual_seed(5)  # the same z
+        out = gat.train_step(models, opt_G, opt_D, teacher, (x, images, y), cfg, autocast)
+        runs.append((out, models[2], models[3], models[4]))
+    (out1, G1, D1, E1), (out2, G2, D2, E2) = runs
+    assert out1.keys() == out2.keys() and {"r1", "r2", "repa_cls", "repa_patch", "d_real"} <= set(out1)
+    for k in out1:
+        assert torch.allclose(out1[k], out2[k], rtol=1e-5, atol=1e-6), k
+    for a, b in ((G1, G2), (D1, D2)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            if p.grad is not None:
+                assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-8), name
+            # Adam's first step is ~lr * sign(grad): rounding in gradients near its eps (1e-8) moves a
+            # weight by a fraction of lr (~2e-3 here)
+            assert torch.allclose(p, q, rtol=0, atol=1e-4), name
+    assert G1.w_avg[1].abs().sum() > 0 and torch.allclose(G1.w_avg, G2.w_avg, atol=1e-6)
+    for p, q in zip(E1.parameters(), E2.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)  # the EMA moves 0.1% of the way
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in G2.parameters())
+
+
+def test_grad_accum_must_split_the_batch():
+    cfg = gat.Config(batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match=r"--batch-size 6 \(global\) must divide by the number of processes 1 x "
+                                         r"--grad-accum 4 = 4; use e.g. 4"):
+        gat.check_batch_split(cfg, 1)
+    with pytest.raises(ValueError, match="--grad-accum 0 must be"):
+        gat.check_batch_split(gat.Config(grad_accum=0), 1)
+    gat.check_batch_split(gat.Config(batch_size=8, grad_accum=2), 2)
 
 
 def test_g_d_and_both_losses_trace_as_single_graphs():
