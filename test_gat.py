@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -511,6 +512,7 @@ world = int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
     dist.init_process_group("gloo")
 rank = dist.get_rank() if world > 1 else 0
+print(f"RANK {rank} OF {world}", flush=True)
 # no augmentation, noiseless MNG and R1/R2 weights 0: the step is then a deterministic function of the
 # global batch, so one process and two must produce the same gradients
 gat.mng_perturb = lambda levels, eps: levels
@@ -603,6 +605,38 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert "BATCH_ERROR --batch-size 6 (global) must divide by the number of processes 2 x --grad-accum 2 = 4" in two.stdout
     assert "TRAIN_OK" in two.stdout and ckpt_of(tmp_path, "ddp")["step"] == 2
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
+
+
+def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
+    """Two torchrun agents on this machine as two nodes of one process each, the README's multi-node
+    launch (c10d rendezvous, a shared id): the same gradients, class means and step as one process."""
+    import socket
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gat-test",
+                               str(script), HERE, str(tmp_path / "two.pt"), "step-only"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert sorted(re.findall(r"RANK \d OF \d", "".join(logs))) == ["RANK 0 OF 2", "RANK 1 OF 2"]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for part in ("D", "G"):
+        for name in a[part]:
+            assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
+    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)
+    assert_same_step(a["step"], b["step"])
 
 
 def test_training_time_fid_is_logged(tmp_path, monkeypatch):
