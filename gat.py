@@ -111,6 +111,7 @@ class Config:
     compile: bool = False               # torch.compile G and D
     grad_ckpt: bool = False             # recompute transformer blocks in backward (saves memory)
     vae: str = ""                       # VAE for decoding sample grids; default: the one in manifest
+    wandb: str = ""                     # wandb project to log metrics, sample grids and config to ("" = off)
     # not CLI: what the data implies, filled in by the loop (and stored in checkpoints)
     num_classes: int = 0
     channels: int = 0
@@ -1007,6 +1008,24 @@ def use_bf16(cfg, device):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
+def start_wandb(cfg, run_dir, world):
+    """The wandb run of this run dir (its name; its id kept in the run dir, so a resume continues the same
+    wandb run); files in <run dir>/wandb. -> the wandb module, for log / Image / finish."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--wandb {cfg.wandb} needs the wandb package: pip install wandb") from None
+    id_path = os.path.join(run_dir, "wandb_id.txt")
+    if not os.path.isfile(id_path):
+        with open(id_path, "w") as f:
+            f.write(os.urandom(8).hex())  # any unique string names a wandb run
+    with open(id_path) as f:
+        run_id = f.read().strip()
+    wandb.init(project=cfg.wandb, name=os.path.basename(run_dir), id=run_id, resume="allow", dir=run_dir,
+               config=dataclasses.asdict(cfg) | {"world_size": world})
+    return wandb
+
+
 def check_batch_split(cfg, world):
     """The global batch splits into world ranks x grad_accum equal micro-batches (for validate_config)."""
     if cfg.grad_accum < 1:
@@ -1085,7 +1104,8 @@ def train(cfg):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
-    sums, n_sum, t_last, t_start, step_last = {}, 0, time.time(), time.time(), step
+    wb = start_wandb(cfg, run_dir, world) if master and cfg.wandb else None
+    sums, n_sum, t_last, t_start, step_last, wb_images = {}, 0, time.time(), time.time(), step, {}
     if master:
         print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; "
               f"lr G {width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; "
@@ -1135,8 +1155,9 @@ def train(cfg):
             metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(device)[0]
         if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
             if master:
-                write_sample_grid(G_ema, cfg, grid_z, grid_y,
-                                  os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png"), lazy, device)
+                grid_path = os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
+                write_sample_grid(G_ema, cfg, grid_z, grid_y, grid_path, lazy, device)
+                wb_images = {"samples": wb.Image(grid_path)} if wb else {}
             if judge is not None:
                 metrics.update(judge.evaluate(G_ema))
         if cfg.fid_every and step % cfg.fid_every == 0:
@@ -1144,10 +1165,12 @@ def train(cfg):
         if master:
             log_file.write(json.dumps(metrics) + "\n")
             log_file.flush()
+            if wb:
+                wb.log(metrics | wb_images, step=step)
             bar.set_postfix(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}",
                             r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}",
                             **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
-        sums, n_sum, t_last, step_last = {}, 0, time.time(), step
+        sums, n_sum, t_last, step_last, wb_images = {}, 0, time.time(), step, {}
         if vals[-1] > 0:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
         if step % cfg.ckpt_every == 0 or snapshot or stop_reason or step == cfg.steps:
@@ -1162,6 +1185,8 @@ def train(cfg):
     bar.close()
     if master:
         log_file.close()
+        if wb:
+            wb.finish()
         print(f"stopped at step {step} ({stop_reason or 'done'}); checkpoint {os.path.join(ckpt_dir, 'latest.pt')}")
     if judge is not None and master:
         summary = judge.evaluate(G_ema, final=True)
