@@ -639,6 +639,27 @@ def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
     assert_same_step(a["step"], b["step"])
 
 
+def test_wandb_offline_logs_metrics_grids_and_config_and_resumes_its_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    gat.train(digits_cfg(tmp_path, "wb", steps=4, sample_every=2, wandb="gat-test"))
+    run_id = open(tmp_path / "wb" / "wandb_id.txt").read().strip()
+    runs = [p for p in os.listdir(tmp_path / "wb" / "wandb") if p.startswith("offline-run-")]
+    assert len(runs) == 1 and runs[0].endswith(run_id)
+    run = tmp_path / "wb" / "wandb" / runs[0]
+    assert len(os.listdir(run / "files" / "media" / "images")) == 2  # the grids of steps 2 and 4
+    record = open(run / f"run-{run_id}.wandb", "rb").read()
+    for key in (b"loss_D", b"r1", b"images_per_s", b"batch_size", b"gat-test", b"wb"):
+        assert key in record, key
+    wb = gat.start_wandb(digits_cfg(tmp_path, "wb"), str(tmp_path / "wb"), 1)  # a resume: the same wandb run
+    assert wb.run.id == run_id and wb.run.name == "wb"
+    wb.finish()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="--wandb gat-test needs the wandb package: pip install wandb"):
+        gat.start_wandb(digits_cfg(tmp_path, "wb", wandb="gat-test"), str(tmp_path / "wb"), 1)
+
+
 def test_training_time_fid_is_logged(tmp_path, monkeypatch):
     import fid
 
