@@ -26,9 +26,11 @@ Run:
   python gat.py --bench --size S --batch-size 8          # speed: ms/it, images/s, MFU
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -73,6 +75,7 @@ class Config:
     # data
     data: str = "data/imagenet256"      # prep_latents.py output dir, or "digits" for the CPU demo
     batch_size: int = 512               # global batch, split over the ranks
+    grad_accum: int = 1                 # micro-batches per rank and step (same global batch, less memory)
     num_workers: int = 4                # DataLoader workers reading the memory-mapped arrays
     # losses (paper: relativistic loss + approximated R1/R2 + REPA on D)
     r1_gamma: float = 0.1               # weight gamma of R1 (reals); added as gamma / 2
@@ -110,6 +113,7 @@ class Config:
     compile: bool = False               # torch.compile G and D
     grad_ckpt: bool = False             # recompute transformer blocks in backward (saves memory)
     vae: str = ""                       # VAE for decoding sample grids; default: the one in manifest
+    wandb: str = ""                     # wandb project to log metrics, sample grids and config to ("" = off)
     # not CLI: what the data implies, filled in by the loop (and stored in checkpoints)
     num_classes: int = 0
     channels: int = 0
@@ -978,36 +982,67 @@ def batch_iterator(data, cfg, rank, world, start, device):
         yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
-def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
-    """One iteration. models: G and D as called in the D step (DDP / compiled wrappers), the plain
-    modules G_raw and D_raw, G_ema, and D_frozen, the (compiled) D that the G step calls outside DDP:
-    D's weights get no gradient there, so there is nothing to synchronise."""
+def sync_on_last(model, i, n):
+    """DDP all-reduces gradients in every backward; while accumulating, only the last micro-batch's."""
+    no_sync = getattr(model, "no_sync", None)  # DDP, also seen through a torch.compile wrapper
+    return no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
+
+
+def d_step(models, opt_D, teacher, micro, cfg, autocast):
+    """D's update over the step's micro-batches [(x_real, images, y, z)]: each loss scaled by 1/N so
+    that the gradient and the logged values are the whole batch's means; one clip, one step."""
     G, D, G_raw, D_raw, G_ema, D_frozen = models
-    x_real, images, y = batch
-    z = torch.randn(x_real.shape[0], cfg.z_dim, device=x_real.device)
-    # D step: G's output is a constant here
-    with autocast:
-        with torch.no_grad():
-            fake = G_raw(z, y)[0]
-        loss_D, logs = d_loss(D, fake, x_real, y, cfg, teacher, images)
     opt_D.zero_grad(set_to_none=True)
-    loss_D.backward()
+    loss_D, logs = 0, {}
+    for i, (x_real, images, y, z) in enumerate(micro):
+        with sync_on_last(D, i, len(micro)), autocast:
+            with torch.no_grad():
+                fake = G_raw(z, y)[0]  # G's output is a constant for D
+            loss, parts = d_loss(D, fake, x_real, y, cfg, teacher, images)
+            (loss / len(micro)).backward()
+        loss_D = loss_D + loss.detach() / len(micro)
+        for k, v in parts.items():
+            logs[k] = logs.get(k, 0) + v.detach() / len(micro)
     gn_D = nn.utils.clip_grad_norm_(D_raw.parameters(), cfg.grad_clip)
     opt_D.step()
-    # G step: same reals, labels and z; D frozen so its weight gradients are not computed
+    return dict(loss_D=loss_D, grad_norm_D=gn_D, **logs)
+
+
+def g_step(models, opt_G, micro, cfg, autocast):
+    """G's update over the same micro-batches (same reals, labels and z as the D step), D frozen so
+    that its weight gradients are not computed. -> (logs, the step's w [b, C] for the class means)."""
+    G, D, G_raw, D_raw, G_ema, D_frozen = models
     D_raw.requires_grad_(False)
-    with autocast:
-        fake, w = G(z, y)
-        loss_G = g_loss(D_frozen, fake, x_real, y, cfg)
     opt_G.zero_grad(set_to_none=True)
-    loss_G.backward()
+    loss_G, ws = 0, []
+    for i, (x_real, images, y, z) in enumerate(micro):
+        with sync_on_last(G, i, len(micro)), autocast:
+            fake, w = G(z, y)
+            loss = g_loss(D_frozen, fake, x_real, y, cfg)
+            (loss / len(micro)).backward()
+        loss_G = loss_G + loss.detach() / len(micro)
+        ws.append(w.detach())
     gn_G = nn.utils.clip_grad_norm_(G_raw.parameters(), cfg.grad_clip)
     opt_G.step()
     D_raw.requires_grad_(True)
-    G_raw.update_class_means(w.detach(), y)
+    return dict(loss_G=loss_G, grad_norm_G=gn_G), torch.cat(ws)
+
+
+def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
+    """One iteration: the D step, then the G step, each over cfg.grad_accum micro-batches of this rank's
+    batch. models: G and D as called in the D step (DDP / compiled wrappers), the plain modules G_raw
+    and D_raw, G_ema, and D_frozen, the (compiled) D that the G step calls outside DDP: D's weights
+    get no gradient there, so there is nothing to synchronise."""
+    G_raw, G_ema = models[2], models[4]
+    x_real, images, y = batch
+    z = torch.randn(x_real.shape[0], cfg.z_dim, device=x_real.device)  # drawn once: the same z for any N
+    n = cfg.grad_accum
+    micro = list(zip(x_real.chunk(n), images.chunk(n) if images is not None else [None] * n, y.chunk(n), z.chunk(n)))
+    logs = d_step(models, opt_D, teacher, micro, cfg, autocast)
+    logs_G, w = g_step(models, opt_G, micro, cfg, autocast)
+    G_raw.update_class_means(w, y)  # once per step, over the whole batch
     update_ema(G_ema, G_raw, cfg.ema_decay)
-    return dict(loss_D=loss_D.detach(), loss_G=loss_G.detach(), grad_norm_D=gn_D, grad_norm_G=gn_G,
-                **{k: v.detach() for k, v in logs.items()})
+    return logs | logs_G
 
 
 def save_grid(images, nrow, path, pad=1):
@@ -1098,12 +1133,30 @@ def progress_bar(cfg, step, master):
     return tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
 
 
+def start_wandb(cfg, run_dir, world):
+    """The wandb run of this run dir (its name; its id kept in the run dir, so a resume continues the same
+    wandb run); files in <run dir>/wandb. -> the wandb module, for log / Image / finish."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"--wandb {cfg.wandb} needs the wandb package: pip install wandb") from None
+    id_path = os.path.join(run_dir, "wandb_id.txt")
+    if not os.path.isfile(id_path):
+        with open(id_path, "w") as f:
+            f.write(os.urandom(8).hex())  # any unique string names a wandb run
+    with open(id_path) as f:
+        run_id = f.read().strip()
+    wandb.init(project=cfg.wandb, name=os.path.basename(run_dir), id=run_id, resume="allow", dir=run_dir,
+               config=dataclasses.asdict(cfg) | {"world_size": world})
+    return wandb
+
+
 def train(cfg):
     rank, world, device = setup_distributed(cfg)
     master = rank == 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     data = prepare_data(cfg)
-    check_batch_size(cfg.batch_size, len(data["x"]) if cfg.data_kind == "pixel" else len(data["index"]), world)
+    check_batch_size(cfg, len(data["x"]) if cfg.data_kind == "pixel" else len(data["index"]), world)
     run_dir = os.path.join(cfg.results, cfg.run)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     resume_path = (os.path.join(ckpt_dir, "latest.pt") if cfg.resume == "auto" else
@@ -1161,7 +1214,8 @@ def train(cfg):
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     log_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
-    sums, n_sum, t_last, t_start, step_last = {}, 0, time.time(), time.time(), step
+    wb = start_wandb(cfg, run_dir, world) if master and cfg.wandb else None
+    sums, n_sum, t_last, t_start, step_last, wb_images = {}, 0, time.time(), time.time(), step, {}
     if master:
         print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; "
               f"lr G {width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; "
@@ -1216,8 +1270,9 @@ def train(cfg):
             metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(device)[0]
         if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
             if master:
-                write_sample_grid(G_ema, cfg, grid_z, grid_y,
-                                  os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png"), lazy, device)
+                grid_path = os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
+                write_sample_grid(G_ema, cfg, grid_z, grid_y, grid_path, lazy, device)
+                wb_images = {"samples": wb.Image(grid_path)} if wb else {}
             if judge is not None:
                 metrics.update(judge.evaluate(G_ema))
         if cfg.fid_every and step % cfg.fid_every == 0:
@@ -1225,10 +1280,12 @@ def train(cfg):
         if master:
             log_file.write(json.dumps(metrics) + "\n")
             log_file.flush()
+            if wb:
+                wb.log(metrics | wb_images, step=step)
             bar.set_postfix(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}",
                             r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}",
                             **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
-        sums, n_sum, t_last, step_last = {}, 0, time.time(), step
+        sums, n_sum, t_last, step_last, wb_images = {}, 0, time.time(), step, {}
         if vals[-1] > 0:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
         if periodic_ckpt or snapshot or stop_reason or step == cfg.steps:
@@ -1243,6 +1300,8 @@ def train(cfg):
     bar.close()
     if master:
         log_file.close()
+        if wb:
+            wb.finish()
         print(f"stopped at step {step} ({stop_reason or 'done'}); checkpoint {os.path.join(ckpt_dir, 'latest.pt')}")
     if judge is not None and master:
         summary = judge.evaluate(G_ema, final=True)
@@ -1465,6 +1524,7 @@ def device_sync(device):
 def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warmup, iters = warmup or (3 if device.type == "cuda" else 1), iters or (10 if device.type == "cuda" else 3)
+    check_batch_size(cfg, None, 1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     # a CPU's peak is measured before and after the run and the higher one kept: a shared machine (or
@@ -1580,12 +1640,16 @@ def check_device(flag, name):
     return device
 
 
-def check_batch_size(batch_size, n_images, world):
-    """The global batch must split evenly over the ranks and fit in the data (batches drop the rest)."""
-    if batch_size % world:
-        raise UserError(f"--batch-size {batch_size} (global) must divide by the number of processes "
-                        f"{world}; use e.g. {batch_size // world * world or world}")
-    if batch_size > n_images:
+def check_batch_size(cfg, n_images, world):
+    """The global batch must split evenly into world ranks x grad_accum micro-batches and fit in the data
+    (batches drop the rest); n_images None = not known yet."""
+    batch_size, parts, what = cfg.batch_size, world * cfg.grad_accum, f"the number of processes {world}"
+    if cfg.grad_accum > 1:
+        what += f" x --grad-accum {cfg.grad_accum} = {parts}"
+    if batch_size % parts:
+        raise UserError(f"--batch-size {batch_size} (global) must divide by {what}; "
+                        f"use e.g. {batch_size // parts * parts or parts}")
+    if n_images is not None and batch_size > n_images:
         raise UserError(f"--batch-size {batch_size} exceeds the {n_images:,} training images; use at most {n_images}")
 
 
@@ -1601,6 +1665,7 @@ CONFIG_CHECKS = [
     ("z_dim", lambda v: v >= 1, "an integer >= 1"),
     ("num_levels", lambda v: v >= 1, "an integer >= 1 (1 = no MNG)"),
     ("batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("grad_accum", lambda v: v >= 1, "an integer >= 1 (1 = no accumulation)"),
     ("num_workers", lambda v: v >= 0, "an integer >= 0 (0 = load in the main process)"),
     ("r1_gamma", lambda v: v >= 0, "a number >= 0"),
     ("r2_gamma", lambda v: v >= 0, "a number >= 0"),
@@ -1654,8 +1719,10 @@ def validate_config(cfg):
         import timm
         if not timm.is_model(cfg.repa_teacher):
             raise UserError(f"--repa-teacher {cfg.repa_teacher!r}: not a timm model name (default {REPA_TEACHER})")
-    if cfg.data == "digits":  # the size is known without loading the data
-        check_batch_size(cfg.batch_size, DIGITS_TRAIN, int(os.environ.get("WORLD_SIZE", 1)))
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"--wandb {cfg.wandb} needs the wandb package: pip install wandb")
+    # the digits' size is known without loading them; a latent set's is checked in train() once opened
+    check_batch_size(cfg, DIGITS_TRAIN if cfg.data == "digits" else None, int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def parse_args(argv=None):

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -599,6 +600,7 @@ world = int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:
     dist.init_process_group("gloo")
 rank = dist.get_rank() if world > 1 else 0
+print(f"RANK {rank} OF {world}", flush=True)
 # no augmentation, noiseless MNG and R1/R2 weights 0: the step is then a deterministic function of the
 # global batch, so one process and two must produce the same gradients
 gat.mng_perturb = lambda levels, eps: levels
@@ -617,9 +619,8 @@ D.requires_grad_(False)
 fake, w = Gd(z[rows], y[rows])
 gat.g_loss(D, fake, x[rows], y[rows], cfg).backward()
 G.update_class_means(w.detach(), y[rows])
-if rank == 0:
-    torch.save({"D": {n: p.grad for n, p in D.named_parameters()}, "G": {n: p.grad for n, p in G.named_parameters()},
-                "w_avg": G.w_avg}, out)
+saved = {"D": {n: p.grad.clone() for n, p in D.named_parameters()}, "G": {n: p.grad.clone() for n, p in G.named_parameters()},
+         "w_avg": G.w_avg.clone()}
 if world > 1:  # full steps on each rank's own data and z: the trained position tables stay identical
     G_ema, start = copy.deepcopy(G), G.tokens.detach().clone()
     opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
@@ -635,9 +636,37 @@ if world > 1:  # full steps on each rank's own data and z: the trained position 
     assert not torch.equal(G.tokens, start) and not torch.equal(G_ema.tokens, start)  # trained, and in the EMA
     if rank == 0:  # one rank prints: two ranks' lines interleave on the shared stdout
         print("TABLES_SAME", flush=True)
+# a whole train_step with the penalties on, 2 micro-batches per rank under DDP against 1 process's one
+# batch; noise as a fixed function of each element (the split of the rows does not change it), and
+# train_step's z the global batch's rows of this rank
+cfg = gat.Config(size="tiny", augment="", grad_accum=2 if world > 1 else 1)
+torch.manual_seed(0)
+G, D = gat.Generator("tiny", 2, 10, 1, 8), gat.Discriminator("tiny", 2, 10, 1, 8, repa_dim=0)
+opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+models, autocast = gat.wrap_models(G, D, G, cfg, world, torch.device("cpu"))
+randn, randn_like = torch.randn, torch.randn_like
+torch.randn_like = lambda t, **kw: torch.sin(997.0 * t + 1.0)
+torch.randn = lambda *a, **kw: z[rows].clone() if a == (len(z[rows]), 64) else randn(*a, **kw)
+logs = gat.train_step(models, opt_G, opt_D, None, (x[rows], None, y[rows]), cfg, autocast)
+torch.randn, torch.randn_like = randn, randn_like
+if world > 1:
+    for v in logs.values():
+        dist.all_reduce(v)
+        v /= world
+saved["step"] = {"logs": logs, "D_grad": {n: p.grad for n, p in D.named_parameters()},
+                 "G_grad": {n: p.grad for n, p in G.named_parameters()}, "w_avg": G.w_avg.clone()}
+if rank == 0:
+    torch.save(saved, out)
+if world > 1 and (len(sys.argv) < 4 or sys.argv[3] != "step-only"):
     tcfg = gat.Config(**gat.DIGITS_PRESET)
     tcfg.results, tcfg.run, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
     tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
+    try:
+        gat.train(tcfg)
+    except ValueError as e:
+        if rank == 0:
+            print("BATCH_ERROR", e, flush=True)
+    tcfg.batch_size, tcfg.grad_accum = 6, 2
     try:
         gat.train(tcfg)
     except ValueError as e:
@@ -648,6 +677,17 @@ if world > 1:  # full steps on each rank's own data and z: the trained position 
     if rank == 0:
         print("TRAIN_OK")
 '''
+
+
+def assert_same_step(a, b):
+    assert a["logs"].keys() == b["logs"].keys() and "r1" in a["logs"]
+    for k in a["logs"]:
+        assert torch.allclose(a["logs"][k], b["logs"][k], rtol=1e-5, atol=1e-6), k
+    for part in ("D_grad", "G_grad"):  # G's after D's update, where Adam amplified rounding (see above)
+        for name in a[part]:
+            diff = (a[part][name] - b[part][name]).norm()
+            assert diff < 1e-4 * a[part][name].norm() or diff < 1e-8, (part, name, diff)
+    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-6)
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -665,11 +705,66 @@ def test_ddp_two_processes_match_one(tmp_path):
         for name in a[part]:
             assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
     assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)  # class means all-reduced over ranks
-    assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2" in two.stdout
+    assert_same_step(a["step"], b["step"])  # 2 ranks x 2 micro-batches: one process's step
+    assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2;" in two.stdout
+    assert "BATCH_ERROR --batch-size 6 (global) must divide by the number of processes 2 x --grad-accum 2 = 4" in two.stdout
     assert "TRAIN_OK" in two.stdout and ckpt_of(tmp_path, "ddp")["step"] == 2
     assert "TABLES_SAME" in two.stdout  # trained position tables: gradients all-reduced like any parameter
     assert "tokens" in a["G"] and "pos" in a["D"]  # the tables' gradients were among those compared
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
+
+
+def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
+    """Two torchrun agents on this machine as two nodes of one process each, the README's multi-node
+    launch (c10d rendezvous, a shared id): the same gradients, class means and step as one process."""
+    import socket
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gat-test",
+                               str(script), HERE, str(tmp_path / "two.pt"), "step-only"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert sorted(re.findall(r"RANK \d OF \d", "".join(logs))) == ["RANK 0 OF 2", "RANK 1 OF 2"]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for part in ("D", "G"):
+        for name in a[part]:
+            assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
+    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)
+    assert_same_step(a["step"], b["step"])
+
+
+def test_wandb_offline_logs_metrics_grids_and_config_and_resumes_its_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    gat.train(digits_cfg(tmp_path, "wb", steps=4, sample_every=2, wandb="gat-test"))
+    run_id = open(tmp_path / "wb" / "wandb_id.txt").read().strip()
+    runs = [p for p in os.listdir(tmp_path / "wb" / "wandb") if p.startswith("offline-run-")]
+    assert len(runs) == 1 and runs[0].endswith(run_id)
+    run = tmp_path / "wb" / "wandb" / runs[0]
+    assert len(os.listdir(run / "files" / "media" / "images")) == 2  # the grids of steps 2 and 4
+    record = open(run / f"run-{run_id}.wandb", "rb").read()
+    for key in (b"loss_D", b"r1", b"images_per_s", b"batch_size", b"gat-test", b"wb"):
+        assert key in record, key
+    wb = gat.start_wandb(digits_cfg(tmp_path, "wb"), str(tmp_path / "wb"), 1)  # a resume: the same wandb run
+    assert wb.run.id == run_id and wb.run.name == "wb"
+    wb.finish()
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(ValueError, match="--wandb gat-test needs the wandb package: pip install wandb"):
+        gat.start_wandb(digits_cfg(tmp_path, "wb", wandb="gat-test"), str(tmp_path / "wb"), 1)
 
 
 def test_training_time_fid_is_logged(tmp_path, monkeypatch):
@@ -772,6 +867,54 @@ def test_training_step_never_waits_on_the_host():
     with Calls(), Ops():  # the watch itself works: a logged value read on the host is seen
         out["loss_D"].item()
     assert seen
+
+
+def row_local_noise(monkeypatch):
+    """Noise as a fixed function of each element: a step's result then depends only on the batch's rows,
+    not on how they are split (micro-batches, ranks). MNG noise off (it is drawn with torch.randn)."""
+    monkeypatch.setattr(torch, "randn_like", lambda t, **kw: torch.sin(997.0 * t + 1.0))
+    monkeypatch.setattr(gat, "mng_perturb", lambda levels, eps: levels)
+
+
+def test_grad_accum_matches_the_big_batch(monkeypatch):
+    """N = 2 micro-batches of 2 against one batch of 4 in one iteration, REPA and penalties on: the same
+    gradients, weights, class means (classes split across micro-batches), EMA and logged values."""
+    row_local_noise(monkeypatch)
+    runs = []
+    for n in (1, 2):
+        cfg, models, opt_G, opt_D, teacher, (x, images, _), autocast = latent_step_setup()
+        cfg.augment, cfg.grad_accum = "", n
+        y = torch.tensor([1, 2, 1, 1])
+        torch.manual_seed(5)  # the same z
+        out = gat.train_step(models, opt_G, opt_D, teacher, (x, images, y), cfg, autocast)
+        runs.append((out, models[2], models[3], models[4]))
+    (out1, G1, D1, E1), (out2, G2, D2, E2) = runs
+    assert out1.keys() == out2.keys() and {"r1", "r2", "repa_cls", "repa_patch", "d_real"} <= set(out1)
+    for k in out1:
+        assert torch.allclose(out1[k], out2[k], rtol=1e-5, atol=1e-6), k
+    for a, b in ((G1, G2), (D1, D2)):
+        for (name, p), q in zip(a.named_parameters(), b.parameters()):
+            if p.grad is not None:
+                assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-8), name
+            # Adam's first step is ~lr * sign(grad): rounding in gradients near its eps (1e-8) moves a
+            # weight by a fraction of lr (~2e-3 here)
+            assert torch.allclose(p, q, rtol=0, atol=1e-4), name
+    assert G1.w_avg[1].abs().sum() > 0 and torch.allclose(G1.w_avg, G2.w_avg, atol=1e-6)
+    for p, q in zip(E1.parameters(), E2.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-6)  # the EMA moves 0.1% of the way
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in G2.parameters())
+
+
+def test_grad_accum_must_split_the_batch():
+    cfg = gat.Config(batch_size=6, grad_accum=4)
+    with pytest.raises(gat.UserError, match=r"--batch-size 6 \(global\) must divide by the number of processes 1 x "
+                                            r"--grad-accum 4 = 4; use e.g. 4"):
+        gat.check_batch_size(cfg, None, 1)
+    with pytest.raises(gat.UserError, match="--grad-accum 0: expected an integer >= 1"):
+        gat.validate_config(gat.Config(grad_accum=0))
+    gat.check_batch_size(gat.Config(batch_size=8, grad_accum=2), 8, 2)
+    with pytest.raises(gat.UserError, match="exceeds the 7 training images"):
+        gat.check_batch_size(gat.Config(batch_size=8, grad_accum=2), 7, 2)
 
 
 def test_g_d_and_both_losses_trace_as_single_graphs():
@@ -1739,7 +1882,8 @@ def _bad_inputs(tmp):
                  (["--resume", str(tmp / "none.pt")], "--resume"), (["--fid-every", "5"], "--fid-every"),
                  (["--fid-num", "1"], "--fid-num"), (["--sample-truncation", "1.5"], "--sample-truncation"),
                  (["--beta2", "1"], "--beta2"), (["--steps", "0"], "--steps"), (["--base-lr", "inf"], "--base-lr"),
-                 (["--r1-gamma", "nan"], "--r1-gamma"), (["--batch-size", "x"], "--batch-size")]
+                 (["--r1-gamma", "nan"], "--r1-gamma"),
+                 (["--grad-accum", "0"], "--grad-accum"), (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum"), (["--batch-size", "x"], "--batch-size")]
     cases = [("gat", d + argv, flag) for argv, flag in gat_cases]
     cases += [("gat", ["--data", str(tmp / "nowhere"), "--results", str(tmp / "runs")], "--data"),
               ("gat", d + ["--bench", "--device", "tpu9"], "--device")]
