@@ -1298,6 +1298,72 @@ def model_flops(cfg, teacher=None):
     return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
 
 
+# Bytes that autograd saves per token of one transformer block (counted op by op with
+# torch.autograd.graph.saved_tensors_hooks on CPU): c per width C and f per SwiGLU hidden unit, for
+# (bf16 autocast, weights frozen). Trainable fp32: 17 C-sized tensors (the block input, both norms'
+# outputs, qkv, q and k normed and rotated, the attention output, proj in/out, the mid residual, FFN
+# out) and 4 hidden-sized (w12 out = 2, silu, the gated product). Under autocast every Linear input is
+# a bf16 copy, qkv and the FFN are bf16, the residual stream and the norms' inputs stay fp32. With D
+# frozen (the G step) the Linears keep their weights instead of their inputs.
+BLOCK_SAVED = {(False, False): (68, 16), (False, True): (32, 12), (True, False): (54, 8), (True, True): (28, 6)}
+TEACHER_PARAMS = 86.6e6  # DINOv2 ViT-B/14 (REPA_TEACHER), for estimates made without building it
+
+
+def block_saved_bytes(width, heads, tokens, bf16, flash=True, frozen=False, recompute=False):
+    """Bytes one block saves for backward per row (sample). A recomputed block keeps only its fp32
+    input; math attention (no flash kernel) also keeps the fp32 softmax map [H, T, T]."""
+    if recompute:
+        return 4 * width * tokens
+    c, f = BLOCK_SAVED[(bf16, frozen)]
+    per_token = c * width + f * int(2 / 3 * 4 * width) + 12 * heads + 8  # + norms' rstd and attention's logsumexp
+    if not flash:
+        per_token += 4 * heads * tokens + (0 if bf16 else 4 * width)
+    return per_token * tokens
+
+
+def memory_model(cfg, rows_per_rank, bf16, flash=True, recompute_G=0, recompute_D=0, teacher=None):
+    """Estimated bytes on one rank for one training iteration with rows_per_rank samples per
+    micro-batch: persistent state (fp32 weights, gradients, AdamW's two moments, EMA of G, the frozen
+    teacher, the batch) plus the larger of the two steps' saved activations, plus a transient margin
+    (the recomputed block's activations and the backward's gradient buffers: two D blocks of the step).
+    D step: G without grad, then one D forward over 4B rows [real, real nudged, fake, fake nudged] with
+    grad (and REPA's projector on the B clean reals). G step: G forward with grad over B rows, D on the
+    B fakes with frozen weights (saved for the input gradient), D on the reals under no_grad."""
+    m = MODEL_SIZES[cfg.size]
+    C, H, depth, P = m["width"], m["heads"], m["depth"], m["proj_dim"]
+    T = (cfg.input_size // cfg.patch) ** 2
+    use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
+    repa_dim = (teacher.embed_dim if teacher is not None else 768) if use_repa else 0
+    with torch.device("meta"):  # exact parameter counts without allocating anything
+        G = Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim, cfg.num_levels)
+        D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels, repa_dim)
+    n_params = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in D.parameters())
+    n_G = sum(p.numel() for p in G.parameters())
+    n_teacher = (sum(p.numel() for p in teacher.parameters()) if teacher is not None else TEACHER_PARAMS) if use_repa else 0
+    B, act = rows_per_rank, 2 if bf16 else 4
+    pixels = cfg.channels * cfg.input_size ** 2
+    r = dict(weights=4 * n_params, grads=4 * n_params, adam=8 * n_params, ema=4 * n_G, teacher=4 * n_teacher,
+             data=B * (4 * pixels + (256 * 256 * 3 if cfg.data_kind == "latent" else 0) + 8))
+
+    def blocks(depth_, n_rec, tokens, frozen):
+        return sum(block_saved_bytes(C, H, tokens, bf16, flash, frozen, i < n_rec) for i in range(depth_))
+    d_in = cfg.num_levels * pixels * 4  # D's input row, kept by the patch conv
+    d_stem = d_in + 8 * C * (T + 1)  # + the embedded tokens, the [cls] concat (fp32)
+    repa = (T + 1) * ((C + 4 * P) * act + 2 * 4 * repa_dim) if use_repa else 0
+    g_heads = cfg.num_levels * T * 2 * C * act
+    # per forward, whatever the rows: the scaled weights of the EqualizedLinears, and under autocast
+    # the bf16 copy of every weight
+    d_weights = 2 * P * P * 4 + (2 * (n_params - n_G) if bf16 else 0)
+    g_weights = (2 * cfg.z_dim * C + C * C) * 4 + (2 * n_G if bf16 else 0)
+    r["d_step"] = 4 * B * (blocks(depth, recompute_D, T + 1, False) + d_stem) + B * repa + d_weights
+    r["g_step"] = (B * (blocks(depth, recompute_G, T, False) + g_heads + blocks(depth, recompute_D, T + 1, True) + d_stem)
+                   + g_weights + (2 * (n_params - n_G) if bf16 else 0))  # D's class branch has no grad here
+    r["transient"] = 2 * 4 * B * block_saved_bytes(C, H, T + 1, bf16, flash)
+    r["persistent"] = sum(r[k] for k in ("weights", "grads", "adam", "ema", "teacher", "data"))
+    r["peak"] = r["persistent"] + max(r["d_step"], r["g_step"]) + r["transient"]
+    return r
+
+
 def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
     """The best fp32 matmul rate this CPU reaches right now over a few square sizes (the CPU's MFU
     reference), each timed for about `seconds` after a warm-up."""

@@ -619,6 +619,56 @@ def test_benchmark_smoke(tmp_path):
     assert flops["G"] / 2e9 == pytest.approx(119, rel=0.02)
 
 
+def saved_for_backward(fn, exclude):
+    """(fn(), bytes autograd holds for backward after it): storages deduplicated, parameters excluded."""
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("size,B,recompute", [("tiny", 1, 0), ("tiny", 2, 4), ("S", 1, 0), ("S", 1, 12)])
+def test_memory_model_matches_torch_accounting_within_15_percent(size, B, recompute):
+    """memory_model against torch's own accounting of one fp32 iteration on CPU: the bytes autograd saves
+    in the D step and in the G step (saved_tensors_hooks, deduplicated by storage), and the persistent
+    weights, gradients, AdamW moments and EMA. Tolerance: 15% on each step and on the peak."""
+    torch.manual_seed(0)
+    cfg = gat.Config(size=size, channels=4, input_size=32, num_classes=10, data_kind="latent", repa_weight=0.0)
+    G = gat.Generator(size, 2, 10, 4, 32, num_levels=4, grad_ckpt=recompute)
+    D = gat.Discriminator(size, 2, 10, 4, 32, 4, repa_dim=0, grad_ckpt=recompute)
+    opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+    ema = copy.deepcopy(G).requires_grad_(False)
+    x, y, z = torch.randn(B, 4, 32, 32), torch.arange(B), torch.randn(B, cfg.z_dim)
+    params = {p.untyped_storage().data_ptr() for p in [*G.parameters(), *D.parameters()]}
+    with torch.no_grad():
+        fake = G(z, y)[0]
+    loss, d_step = saved_for_backward(lambda: gat.d_loss(D, fake, x, y, cfg)[0], params)
+    loss.backward()
+    opt_D.step()
+    D.requires_grad_(False)
+    loss, g_step = saved_for_backward(lambda: gat.g_loss(D, G(z, y)[0], x, y, cfg), params)
+    loss.backward()
+    opt_G.step()
+    state = [*G.parameters(), *D.parameters(), *ema.parameters(), *[p.grad for p in G.parameters()],
+             *[p.grad for p in D.parameters() if p.grad is not None],
+             *[v for o in (opt_G, opt_D) for st in o.state.values() for v in st.values() if v.dim()]]
+    persistent = sum(t.numel() * t.element_size() for t in state)
+    est = gat.memory_model(cfg, B, bf16=False, flash=True, recompute_G=recompute, recompute_D=recompute)
+    assert est["d_step"] == pytest.approx(d_step, rel=0.15)
+    assert est["g_step"] == pytest.approx(g_step, rel=0.15)
+    assert est["persistent"] - est["data"] == pytest.approx(persistent, rel=0.15)
+    measured = persistent + max(d_step, g_step)
+    assert est["peak"] - est["transient"] - est["data"] == pytest.approx(measured, rel=0.15)
+    if recompute:  # recomputing every block must cut the saved activations several-fold
+        assert est["d_step"] * 4 < gat.memory_model(cfg, B, False)["d_step"]
+
+
 def latent_step_setup(precision="fp32", grad_ckpt=False, seed=0):
     """A tiny latent-space training iteration's pieces: models, optimisers, REPA teacher, one batch."""
     torch.manual_seed(seed)
