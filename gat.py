@@ -1433,7 +1433,7 @@ def setup_recompute(cfg, G, D, teacher, device, world):
     budget, how = memory_budget(device, resident)
     (nd, ng), est = choose_recompute(cfg, G, D, teacher, rows, bf16, budget)
     D.ckpt_blocks, G.ckpt_blocks = nd, ng
-    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
     why = (f"the fewest (D's first) for the estimate to fit {gib(budget)} ({how})" if est["peak"] <= budget else
            f"and the estimate still exceeds {gib(budget)} ({how}): lower --batch-size") if cfg.grad_ckpt == "auto" else "as asked"
     return (f"memory: estimated peak {gib(est['peak'])} per process at {rows} rows ({'bf16' if bf16 else 'fp32'}): "

@@ -683,6 +683,10 @@ def test_g_d_and_both_losses_trace_as_single_graphs():
                            ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]:
         report = torch._dynamo.explain(fn)(*args)
         assert (report.graph_count, report.graph_break_count) == (1, 0), (name, report.break_reasons)
+    G.ckpt_blocks, D.ckpt_blocks = 1, 3  # recomputation (non-reentrant checkpoint) traces into the graph too
+    for name, fn, args in [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4))]:
+        report = torch._dynamo.explain(fn)(*args)
+        assert (report.graph_count, report.graph_break_count) == (1, 0), (name, "recomputed", report.break_reasons)
     torch._dynamo.reset()
 
 
