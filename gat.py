@@ -1535,9 +1535,9 @@ def benchmark(cfg, warmup=None, iters=None):
                   precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
                   ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops["per_iteration"] * b / 1e9,
                   achieved_tflops=achieved / 1e12, mfu=achieved / peak, peak=peak_what, peak_memory=mem,
-                  host_syncs_per_step=host_syncs, recomputed_blocks=[G_raw.ckpt_blocks, D_raw.ckpt_blocks],
-                  estimated_peak_gib=memory_model(cfg, b, use_bf16(cfg, device), not cfg.exact_gp, G_raw.ckpt_blocks,
-                                                  D_raw.ckpt_blocks, teacher)["peak"] / 2**30)
+                  host_syncs_per_step=host_syncs, recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
+                  estimated_peak_gib=memory_estimate(cfg, G_raw, D_raw, b, (D_raw.ckpt_blocks, G_raw.ckpt_blocks),
+                                                     use_bf16(cfg, device), not cfg.exact_gp, teacher)["peak"] / 2**30)
     if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
         result["loader_images_per_s"] = loader_rate(cfg, device)
     # sampling: one G evaluation per image (a larger batch on GPU, as sample.py uses); with the SD-VAE
