@@ -111,7 +111,7 @@ class Config:
     device: str = ""                    # default: cuda if available, else cpu
     precision: str = "auto"             # auto = bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
     compile: bool = False               # torch.compile G and D
-    grad_ckpt: bool = False             # recompute transformer blocks in backward (saves memory)
+    grad_ckpt: str = "auto"             # blocks recomputed in backward: auto (fewest that fit), off, all, or N per model
     vae: str = ""                       # VAE for decoding sample grids; default: the one in manifest
     wandb: str = ""                     # wandb project to log metrics, sample grids and config to ("" = off)
     # not CLI: what the data implies, filled in by the loop (and stored in checkpoints)
@@ -242,9 +242,12 @@ def xavier_init(module):
             nn.init.zeros_(m.bias)
 
 
-def run_blocks(blocks, x, *args, grad_ckpt=False):
-    for block in blocks:
-        if grad_ckpt and torch.is_grad_enabled():
+def run_blocks(blocks, x, *args, ckpt_blocks=0):
+    """Yields each block's output; the first ckpt_blocks blocks keep only their input for backward and
+    are recomputed there. The first: backward reaches them last, when the later blocks' tensors are
+    already freed, so rebuilding one block's tensors does not raise the peak (unless all are recomputed)."""
+    for i, block in enumerate(blocks):
+        if i < ckpt_blocks and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False)
         else:
             x = block(x, *args)
@@ -301,14 +304,14 @@ def size_config(size, patch, input_size):
 
 class Generator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, z_dim=64,
-                 num_levels=4, grad_ckpt=False, fixed_pos_embed=False):
+                 num_levels=4, ckpt_blocks=0, fixed_pos_embed=False):
         super().__init__()
         cfg, C, grid = size_config(size, patch, input_size)
         depth = cfg["depth"]
         if depth % num_levels:
             raise ValueError(f"depth {depth} must divide by the number of MNG levels K={num_levels}")
         self.size, self.patch, self.channels, self.input_size = size, patch, channels, input_size
-        self.num_classes, self.z_dim, self.width, self.grad_ckpt = num_classes, z_dim, C, grad_ckpt
+        self.num_classes, self.z_dim, self.width, self.ckpt_blocks = num_classes, z_dim, C, ckpt_blocks
         self.class_embed = nn.Embedding(num_classes, z_dim)
         self.mapping = nn.Sequential(EqualizedLinear(2 * z_dim, C), nn.SiLU(), EqualizedLinear(C, C))
         self.blocks = nn.ModuleList(GBlock(C, cfg["heads"]) for _ in range(depth))
@@ -358,7 +361,7 @@ class Generator(nn.Module):
         x = self.tokens.expand(w.shape[0], -1, -1)  # [B, T, C]; the residual stream stays fp32 under autocast
         levels, out = [], 0
         for i, x in enumerate(run_blocks(self.blocks, x, silu_w, (self.rope_cos, self.rope_sin),
-                                         grad_ckpt=self.grad_ckpt)):
+                                         ckpt_blocks=self.ckpt_blocks)):
             if i in self.head_after:
                 head = self.heads[self.head_after.index(i)]
                 out = out + unpatchify(head(x, silu_w), self.patch, self.channels)
@@ -405,11 +408,11 @@ class DBlock(nn.Module):
 
 class Discriminator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, num_levels=4,
-                 repa_dim=768, grad_ckpt=False, fixed_pos_embed=False):
+                 repa_dim=768, ckpt_blocks=0, fixed_pos_embed=False):
         super().__init__()
         cfg, C, grid = size_config(size, patch, input_size)
         P = cfg["proj_dim"]
-        self.size, self.patch, self.width, self.grad_ckpt = size, patch, C, grad_ckpt
+        self.size, self.patch, self.width, self.ckpt_blocks = size, patch, C, ckpt_blocks
         self.patch_embed = nn.Conv2d(num_levels * channels, C, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.randn(1, 1, C) * 0.02)
         self.blocks = nn.ModuleList(DBlock(C, cfg["heads"]) for _ in range(cfg["depth"]))
@@ -432,7 +435,7 @@ class Discriminator(nn.Module):
         first repa_rows samples [repa_rows, 1+T, repa_dim] or None)."""
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, T, C]
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, 1+T, C]
-        for x in run_blocks(self.blocks, x, (self.rope_cos, self.rope_sin), grad_ckpt=self.grad_ckpt):
+        for x in run_blocks(self.blocks, x, (self.rope_cos, self.rope_sin), ckpt_blocks=self.ckpt_blocks):
             pass
         cls = self.logit_proj(self.final_norm(x[:, 0]))  # [B, P]
         logits = (cls * self.class_mapping(self.class_embed(y))).sum(-1)  # projection discriminator
@@ -831,9 +834,9 @@ def check_compatible(ckpt_cfg, cfg, path):
                               "--size/--patch/--data, or another --run to start fresh.")
 
 
-def build_generator(cfg, grad_ckpt=False):
+def build_generator(cfg):
     return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
-                     cfg.num_levels, grad_ckpt=grad_ckpt, fixed_pos_embed=cfg.fixed_pos_embed)
+                     cfg.num_levels, fixed_pos_embed=cfg.fixed_pos_embed)
 
 
 def load_generator(path, ema=True, device="cpu"):
@@ -1096,13 +1099,13 @@ def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device):
 
 
 def build_models(cfg, device, pretrained_teacher=True):
-    """G, D, the EMA copy of G, and the frozen REPA teacher (None without REPA or in pixel space)."""
-    G = build_generator(cfg, cfg.grad_ckpt).to(device)
+    """G, D, the EMA copy of G, and the frozen REPA teacher (None without REPA or in pixel space).
+    Recomputation is set afterwards (choose_recompute), once the models' sizes are known."""
+    G = build_generator(cfg).to(device)
     use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
     teacher = build_repa_teacher(cfg.repa_teacher, pretrained_teacher).to(device) if use_repa else None
     D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
-                      repa_dim=teacher.embed_dim if use_repa else 0, grad_ckpt=cfg.grad_ckpt,
-                      fixed_pos_embed=cfg.fixed_pos_embed).to(device)
+                      repa_dim=teacher.embed_dim if use_repa else 0, fixed_pos_embed=cfg.fixed_pos_embed).to(device)
     return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
 
 
@@ -1186,6 +1189,7 @@ def train(cfg):
             print(f"resumed from {resume_path} at step {step}")
     else:
         torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
+    memory_line = setup_recompute(cfg, G_raw, D_raw, teacher, device, world)
     models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
     lazy = {}  # models loaded on first use: the VAE, the Inception network and FID reference stats
     if master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
@@ -1220,6 +1224,7 @@ def train(cfg):
         print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; "
               f"lr G {width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; "
               f"{world} process(es) on {device}, {'bf16' if use_bf16(cfg, device) else 'fp32'}; run dir {run_dir}")
+        print(memory_line)
         print(f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
                                                  if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
               + ("; then the demo prints what G learned" if judge is not None else ""))
@@ -1481,6 +1486,145 @@ def model_flops(cfg, teacher=None):
     return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
 
 
+# Activation memory. Bytes are counted from what each op saves for backward (verified op by op with
+# torch.autograd.graph.saved_tensors_hooks on CPU, test_gat.py), per row (sample) and block. Under bf16
+# autocast the residual stream and RMSNorm (an fp32-listed op: its inputs are upcast) stay fp32 and the
+# matmuls keep bf16 copies of their inputs and of the weights. The D step's D forward sees 4B rows
+# [real, real nudged, fake, fake nudged]; the G step keeps G's blocks at B rows plus D's (frozen:
+# only what the gradient to its input needs) at B rows. A recomputed block keeps only its fp32 input.
+TEACHER_SHAPE = dict(params=85_724_928, width=768, tokens=257)  # DINOv2 ViT-B/14 at 224 px (REPA_TEACHER)
+
+
+def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
+    """Bytes one row leaves saved in one transformer block of T tokens, width C, H heads. Full (D step,
+    G step's G), fp32: 17 [T, C] tensors (norm1 input/normalised/output, qkv's 3, q and k normalised, q
+    and k rotated, attention output, proj input and output, norm2's 3, FFN output) and 4 [T, hidden]
+    (w12's 2, SiLU out, gated product). bf16: 8 fp32 [T, C] (the RMSNorms' fp32 input and normalised
+    copies, q and k included) and 11 bf16 ones, 4 bf16 [T, hidden]. frozen (D in the G step): 8 / 3 in
+    fp32, 4 fp32 + 6 bf16 / 3 bf16 in bf16. modulated (G): its scale/gate vectors. Math attention (not
+    flash) also keeps each head's [T, T] probabilities."""
+    F_ = int(2 / 3 * 4 * C)
+    stats = 4 * (2 * T + 3 * H * T)  # RMSNorm, q/k-norm reciprocal RMS and attention log-sum-exp: fp32
+    if bf16:
+        act = (4 * 4 + 2 * 6) * T * C + 2 * 3 * T * F_ if frozen else (4 * 8 + 2 * 11) * T * C + 2 * 4 * T * F_ + 2 * 7 * C * modulated
+    else:
+        act = 4 * (8 * T * C + 3 * T * F_) if frozen else 4 * (17 * T * C + 4 * T * F_ + 6 * C * modulated)
+    maps = 0 if flash else (2 if bf16 else 4) * H * T * T
+    return act + stats + maps
+
+
+def matmul_params(model):
+    return sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+
+
+def weight_copies(model, bf16):
+    """Bytes of weights a forward with grad keeps as new tensors: bf16 casts of every matmul weight, or
+    in fp32 the equalized layers' scaled weights."""
+    eq = sum(m.weight.numel() for m in model.modules() if isinstance(m, EqualizedLinear))
+    return 2 * matmul_params(model) if bf16 else 4 * eq
+
+
+def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher=None):
+    """Estimated bytes per process -> dict of parts and the peak. rows: the per-rank batch of one
+    forward (batch_size / world, per_rank_rows); ckpt: blocks recomputed in (D, G). G and D may live on
+    the meta device (sizes only). teacher: the REPA teacher module, TEACHER_SHAPE's dict, or None."""
+    m = MODEL_SIZES[cfg.size]
+    depth, C, H = m["depth"], m["width"], m["heads"]
+    T, P, K = (cfg.input_size // cfg.patch) ** 2, m["proj_dim"], cfg.num_levels
+    nd, ng = ckpt
+    a, f32 = (2 if bf16 else 4), 4
+
+    def blocks(n, rows, tokens, **kind):  # n of depth blocks recomputed: they keep only their fp32 input
+        return rows * ((depth - n) * block_saved_bytes(tokens, C, H, bf16, flash, **kind) + n * f32 * tokens * C)
+    image = rows * K * cfg.channels * cfg.input_size ** 2
+    n_G, n_D = sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters())
+    t = teacher if isinstance(teacher, dict) or teacher is None else dict(
+        params=sum(p.numel() for p in teacher.parameters()), width=teacher.embed_dim,
+        tokens=teacher.patch_embed.num_patches + teacher.num_prefix_tokens)
+    buffers = sum(b.numel() * b.element_size() for mod in (G, D) for b in mod.buffers())
+    resident = f32 * (2 * n_G + n_D + (t["params"] if t else 0)) + 2 * buffers  # weights, EMA, teacher, buffers
+    persistent = resident + 3 * f32 * (n_G + n_D)  # + gradients and AdamW's two moments
+    data = rows * (f32 * cfg.channels * cfg.input_size ** 2 + (256 * 256 * 3 if t else 0))
+    repa = rows * (T + 1) * 4 * P * a if t else 0  # projector: 2 x (linear out, SiLU out)
+    final = f32 * (T + 1) * C  # D's last block output, read by the head and the projector
+    # D step: D over 4B rows, its stem's input and REPA head; G step: G at B rows with its K heads
+    # (fp32 input and normalised, matmul input) and D frozen at B rows, each with the inputs' casts
+    d_step = blocks(nd, 4 * rows, T + 1) + 4 * rows * final + 4 * image * a + repa + weight_copies(D, bf16)
+    g_step = (blocks(ng, rows, T, modulated=True) + rows * K * T * C * (2 * f32 + a) + blocks(nd, rows, T + 1, frozen=True) + 2 * image * f32
+              + rows * final + weight_copies(G, bf16) + (2 * matmul_params(D) if bf16 else 0))
+    # transients on top: the gradients of one block's tensors in backward (about one block's saved
+    # bytes); a recomputed block's tensors, which add to the peak only when every block is recomputed
+    # (run_blocks); and the teacher's no-grad forward in the D step
+    blk_d = block_saved_bytes(T + 1, C, H, bf16, flash)
+    work_d = 4 * rows * blk_d * (1 + (nd == depth))
+    teacher_work = rows * t["tokens"] * (3 * t["width"] + 2 * 4 * t["width"]) * a if t else 0
+    work_g = rows * (block_saved_bytes(T, C, H, bf16, flash, modulated=True) * (1 + (ng == depth)) + blk_d)
+    saved = max(d_step, g_step)
+    peak = persistent + data + max(d_step + max(work_d, teacher_work), g_step + work_g)
+    return dict(persistent=persistent, resident=resident, data=data, d_step=d_step, g_step=g_step,
+                saved=saved, peak=peak, depth=depth, rows=rows, ckpt=ckpt)
+
+
+def parse_grad_ckpt(value, depth):
+    """--grad-ckpt -> blocks recomputed per model, None for auto (a check for validate_config). Old
+    checkpoints stored a bool."""
+    if isinstance(value, bool):
+        return depth if value else 0
+    if value in ("auto", "off", "all"):
+        return {"auto": None, "off": 0, "all": depth}[value]
+    if str(value).isdigit() and int(value) <= depth:
+        return int(value)
+    raise UserError(f"--grad-ckpt {value!r}: expected auto, off, all or a number of blocks 0..{depth} per model")
+
+
+def memory_budget(device, resident):
+    """(bytes one process may plan for, how they were found). CUDA: 90% of the device's total memory
+    less 2 GiB (context, NCCL buffers, allocator slack); the total, not the free memory, so that every
+    rank of a job decides alike. CPU: 90% of MemAvailable shared by this host's processes, plus what
+    the models already hold (it is no longer available)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return 0.9 * total - 2 * 2**30, f"90% of {device}'s {total / 2**30:.1f} GiB less 2 GiB"
+    with open("/proc/meminfo") as f:
+        avail = 1024 * int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return 0.9 * avail / local + resident, f"90% of the host's {avail / 2**30:.1f} GiB available" + (f" / {local} processes" if local > 1 else "")
+
+
+def choose_recompute(cfg, G, D, teacher, rows, bf16, budget):
+    """(blocks recomputed in D, in G), estimate. auto: the fewest that fit the budget, D's first (its
+    4B rows make the D step the peak), then G's; everything if even that does not fit."""
+    depth = MODEL_SIZES[cfg.size]["depth"]
+    n = parse_grad_ckpt(cfg.grad_ckpt, depth)
+    options = [(n, n)] if n is not None else [(d, 0) for d in range(depth + 1)] + [(depth, g) for g in range(1, depth + 1)]
+    for ckpt in options:
+        est = memory_estimate(cfg, G, D, rows, ckpt, bf16, not cfg.exact_gp, teacher)
+        if est["peak"] <= budget:
+            break
+    return ckpt, est
+
+
+def per_rank_rows(cfg, world):
+    """Rows of one forward on one process: the micro-batch the memory estimate is for."""
+    return cfg.batch_size // (world * cfg.grad_accum)
+
+
+def setup_recompute(cfg, G, D, teacher, device, world):
+    """Chooses and sets the blocks G and D recompute; returns the line that says what and why."""
+    bf16, rows = use_bf16(cfg, device), per_rank_rows(cfg, world)
+    resident = memory_estimate(cfg, G, D, rows, teacher=teacher)["resident"]
+    budget, how = memory_budget(device, resident)
+    (nd, ng), est = choose_recompute(cfg, G, D, teacher, rows, bf16, budget)
+    D.ckpt_blocks, G.ckpt_blocks = nd, ng
+    gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+    why = (f"the fewest (D's first) for the estimate to fit {gib(budget)} ({how})" if est["peak"] <= budget else
+           f"and the estimate still exceeds {gib(budget)} ({how}): lower --batch-size") if cfg.grad_ckpt == "auto" else "as asked"
+    return (f"memory: estimated peak {gib(est['peak'])} per process at {rows} rows ({'bf16' if bf16 else 'fp32'}): "
+            f"weights, gradients, AdamW, EMA, teacher {gib(est['persistent'])}; saved for backward: D step "
+            f"{gib(est['d_step'])}, G step {gib(est['g_step'])}. --grad-ckpt {cfg.grad_ckpt}: recomputes "
+            f"{nd}/{est['depth']} D blocks and {ng}/{est['depth']} G blocks, {why}")
+
+
 def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
     """The best fp32 matmul rate this CPU reaches right now over a few square sizes (the CPU's MFU
     reference), each timed for about `seconds` after a warm-up."""
@@ -1532,6 +1676,7 @@ def benchmark(cfg, warmup=None, iters=None):
     cpu_peak = cpu_matmul_peak() if device.type == "cpu" else 0.0
     torch.manual_seed(cfg.seed)
     G_raw, D_raw, G_ema, teacher = build_models(cfg, device, pretrained_teacher=False)  # random weights: same speed
+    memory_line = setup_recompute(cfg, G_raw, D_raw, teacher, device, 1)
     opt_G, opt_D = make_optimizer(G_raw, cfg), make_optimizer(D_raw, cfg)
     models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, 1, device)
     b = cfg.batch_size
@@ -1574,7 +1719,9 @@ def benchmark(cfg, warmup=None, iters=None):
                   precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
                   ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops["per_iteration"] * b / 1e9,
                   achieved_tflops=achieved / 1e12, mfu=achieved / peak, peak=peak_what, peak_memory=mem,
-                  host_syncs_per_step=host_syncs)
+                  host_syncs_per_step=host_syncs, recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
+                  estimated_peak_gib=memory_estimate(cfg, G_raw, D_raw, b, (D_raw.ckpt_blocks, G_raw.ckpt_blocks),
+                                                     use_bf16(cfg, device), not cfg.exact_gp, teacher)["peak"] / 2**30)
     if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
         result["loader_images_per_s"] = loader_rate(cfg, device)
     # sampling: one G evaluation per image (a larger batch on GPU, as sample.py uses); with the SD-VAE
@@ -1613,6 +1760,7 @@ def benchmark(cfg, warmup=None, iters=None):
     print(f"sampling: G only {result['sample_G_images_per_s']:.1f} images/s"
           + (f", G + SD-VAE decode {result['sample_G_vae_images_per_s']:.1f} images/s" if "sample_G_vae_images_per_s" in result else
              " (VAE decode timed on GPU only)"))
+    print(memory_line + f" (measured: {mem})")
     print(json.dumps(result))
     return result
 
@@ -1702,6 +1850,7 @@ def validate_config(cfg):
         if not ok(value):
             raise UserError(f"--{name.replace('_', '-')} {value!r}: expected {allowed}")
     depth = MODEL_SIZES[cfg.size]["depth"]
+    parse_grad_ckpt(cfg.grad_ckpt, depth)
     if depth % cfg.num_levels:
         divisors = [k for k in range(1, depth + 1) if depth % k == 0]
         raise UserError(f"--num-levels {cfg.num_levels}: GAT-{cfg.size} has {depth} blocks, which must divide "

@@ -45,9 +45,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
 
-def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4, grad_ckpt=False):
-    G = gat.Generator("tiny", 2, num_classes, channels, input_size, num_levels=levels, grad_ckpt=grad_ckpt)
-    D = gat.Discriminator("tiny", 2, num_classes, channels, input_size, levels, repa_dim=repa_dim, grad_ckpt=grad_ckpt)
+def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4, ckpt=(0, 0)):
+    """ckpt: blocks recomputed in (D, G)."""
+    G = gat.Generator("tiny", 2, num_classes, channels, input_size, num_levels=levels, ckpt_blocks=ckpt[1])
+    D = gat.Discriminator("tiny", 2, num_classes, channels, input_size, levels, repa_dim=repa_dim, ckpt_blocks=ckpt[0])
     return G, D
 
 
@@ -828,13 +829,13 @@ def test_benchmark_smoke(tmp_path):
     assert flops["G"] / 2e9 == pytest.approx(119, rel=0.02)
 
 
-def latent_step_setup(precision="fp32", grad_ckpt=False, seed=0):
+def latent_step_setup(precision="fp32", ckpt=(0, 0), seed=0):
     """A tiny latent-space training iteration's pieces: models, optimisers, REPA teacher, one batch."""
     torch.manual_seed(seed)
     cfg = gat.Config(size="tiny", channels=4, input_size=8, num_classes=10, data_kind="latent",
-                     precision=precision, grad_ckpt=grad_ckpt)
+                     precision=precision)
     teacher = tiny_teacher()
-    G_raw, D_raw = tiny_models(channels=4, repa_dim=teacher.embed_dim, grad_ckpt=grad_ckpt)
+    G_raw, D_raw = tiny_models(channels=4, repa_dim=teacher.embed_dim, ckpt=ckpt)
     opt_G, opt_D = gat.make_optimizer(G_raw, cfg), gat.make_optimizer(D_raw, cfg)
     models, autocast = gat.wrap_models(G_raw, D_raw, copy.deepcopy(G_raw).requires_grad_(False), cfg, 1,
                                        torch.device("cpu"))
@@ -939,22 +940,141 @@ def test_g_d_and_both_losses_trace_as_single_graphs():
                            ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]:
         report = torch._dynamo.explain(fn)(*args)
         assert (report.graph_count, report.graph_break_count) == (1, 0), (name, report.break_reasons)
+    G.ckpt_blocks, D.ckpt_blocks = 1, 3  # recomputation (non-reentrant checkpoint) traces into the graph too
+    for name, fn, args in [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4))]:
+        report = torch._dynamo.explain(fn)(*args)
+        assert (report.graph_count, report.graph_break_count) == (1, 0), (name, "recomputed", report.break_reasons)
     torch._dynamo.reset()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    """--grad-ckpt trades compute for memory only: the same iteration gives the same losses and weights."""
+    """--grad-ckpt trades compute for memory only: off, all (4 of 4 blocks) and a partial choice (auto's
+    kind: D's blocks first) give the same iteration: losses and weights."""
     results = []
-    for ckpt in (False, True):
-        cfg, models, opt_G, opt_D, teacher, batch, autocast = latent_step_setup(grad_ckpt=ckpt)
+    for ckpt in ((0, 0), (4, 4), (2, 1)):
+        cfg, models, opt_G, opt_D, teacher, batch, autocast = latent_step_setup(ckpt=ckpt)
         out = gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
         results.append((out, models[2].state_dict(), models[3].state_dict()))
-    (a, Ga, Da), (b, Gb, Db) = results
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
-    for sa, sb in ((Ga, Gb), (Da, Db)):
-        for k in sa:
-            assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
+    (a, Ga, Da) = results[0]
+    for b, Gb, Db in results[1:]:
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+        for sa, sb in ((Ga, Gb), (Da, Db)):
+            for k in sa:
+                assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
+
+
+def saved_for_backward(fn, exclude):
+    """(fn's result, bytes of the distinct storages autograd saved for backward while fn ran), the
+    storages of `exclude` (parameters, buffers) left out: torch's own account of activation memory."""
+    known, seen = {t.untyped_storage().data_ptr() for t in exclude}, {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in known:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_block_memory_formula_counts_what_autograd_saves(bf16):
+    """block_saved_bytes, derived from the ops, against the saved tensors of one DBlock / GBlock (full,
+    frozen as D in the G step, math attention), at two widths; weights' bf16 copies are counted apart."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for size in ("tiny", "S"):
+        m = gat.MODEL_SIZES[size]
+        C, H, N = m["width"], m["heads"], 2
+        for kind, frozen, flash in (("D", False, True), ("D", True, True), ("G", False, True), ("D", False, False)):
+            T = 17 if kind == "D" else 16
+            block = gat.DBlock(C, H) if kind == "D" else gat.GBlock(C, H)
+            block.requires_grad_(not frozen)
+            rope = tuple(F.pad(r, (0, 0, T - 16, 0)) for r in gat.rope_2d(C // H, 4))
+            x, silu_w = torch.randn(N, T, C, requires_grad=True), torch.randn(N, C, requires_grad=True)
+            args = (x, rope) if kind == "D" else (x, silu_w, rope)
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16), \
+                    sdpa_kernel(SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH):
+                _, measured = saved_for_backward(lambda: block(*args), [*block.parameters(), *rope, silu_w])
+            weights = sum(2 * p.numel() for p in block.parameters() if p.dim() >= 2 or p.numel() == C // H) if bf16 else 0
+            est = N * gat.block_saved_bytes(T, C, H, bf16, flash, frozen, kind == "G") + weights
+            assert est == pytest.approx(measured, rel=0.02 if flash else 0.03), (size, kind, frozen, flash)
+
+
+@pytest.mark.parametrize("size,rows", [("tiny", 4), ("S", 2)])
+def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
+    """The whole-step model against what torch holds, CPU fp32, eager, recomputation off and all:
+    measured = bytes autograd saved in the D step (D over the 4B rows with REPA) or the G step (G, then
+    D frozen), via saved_tensors_hooks, plus the bytes of every parameter, gradient, AdamW moment, EMA
+    weight, buffer and teacher weight. Tolerance 15% (the transients on top are modelled, not checked)."""
+    torch.manual_seed(0)
+    cfg = gat.Config(size=size, channels=4, input_size=8 if size == "tiny" else 32, num_classes=10,
+                     data_kind="latent", precision="fp32")
+    teacher = tiny_teacher()
+    G = gat.build_generator(cfg)
+    D = gat.Discriminator(size, 2, 10, 4, cfg.input_size, repa_dim=teacher.embed_dim)
+    G_ema = copy.deepcopy(G).requires_grad_(False)
+    opts = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+    for p in (*G.parameters(), *D.parameters()):
+        p.grad = torch.zeros_like(p)
+    for opt in opts:
+        opt.step()  # creates AdamW's state
+    held = [*G.parameters(), *D.parameters(), *G_ema.parameters(), *G.buffers(), *D.buffers(), *G_ema.buffers(),
+            *teacher.parameters(), *[p.grad for p in (*G.parameters(), *D.parameters())],
+            *[v for opt in opts for st in opt.state.values() for v in st.values() if v.dim()]]
+    persistent = sum(t.numel() * t.element_size() for t in held)
+    exclude = [*G.parameters(), *D.parameters(), *G.buffers(), *D.buffers(), *teacher.parameters(), *teacher.buffers()]
+    s = cfg.input_size
+    x, images = torch.randn(rows, 4, s, s), torch.randint(0, 256, (rows, 64, 64, 3), dtype=torch.uint8)
+    y, z = torch.arange(rows), torch.randn(rows, 64)
+    depth = gat.MODEL_SIZES[size]["depth"]
+    for ckpt in ((0, 0), (depth, depth)):
+        D.ckpt_blocks, G.ckpt_blocks = ckpt
+        with torch.no_grad():
+            fake = G(z, y)[0]
+        _, d_step = saved_for_backward(lambda: gat.d_loss(D, fake, x, y, cfg, teacher, images), exclude)
+        D.requires_grad_(False)
+        _, g_step = saved_for_backward(lambda: gat.g_loss(D, G(z, y)[0], x, y, cfg), exclude)
+        D.requires_grad_(True)
+        est = gat.memory_estimate(cfg, G, D, rows, ckpt, bf16=False, teacher=teacher)
+        for part, measured in (("d_step", d_step), ("g_step", g_step)):
+            assert est["persistent"] + est[part] == pytest.approx(persistent + measured, rel=0.15), (ckpt, part)
+        assert est["persistent"] == pytest.approx(persistent, rel=0.01)
+        if ckpt == (0, 0):
+            assert est["d_step"] == pytest.approx(d_step, rel=0.15)  # activations alone, where they dominate
+
+
+def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatch, capsys):
+    """--grad-ckpt auto against a fake device size: nothing when all fits, then D's blocks one at a
+    time, then G's, everything when nothing fits; off / all / N as asked; bad values name the flag;
+    a checkpoint's old bool still reads; the line at the start says what was chosen and why."""
+    cfg = gat.Config(size="S", channels=4, input_size=32, num_classes=1000, data_kind="latent", precision="bf16")
+    with torch.device("meta"):
+        G, D = gat.build_generator(cfg), gat.Discriminator("S", 2, 1000, 4, 32)
+    depth = 12
+    peak = lambda ckpt: gat.memory_estimate(cfg, G, D, 64, ckpt, True, True, gat.TEACHER_SHAPE)["peak"]
+    order = [(d, 0) for d in range(depth + 1)] + [(depth, g) for g in range(1, depth + 1)]
+    peaks = [peak(c) for c in order]
+    assert all(a >= b for a, b in zip(peaks, peaks[1:])) and peaks[0] > 3 * peaks[-1]  # recomputing never costs memory
+    choose = lambda budget: gat.choose_recompute(cfg, G, D, gat.TEACHER_SHAPE, 64, True, budget)[0]
+    assert choose(peaks[0] + 1) == (0, 0)
+    assert choose((peak((3, 0)) + peak((2, 0))) / 2) == (3, 0)
+    assert choose(peak((depth, 2)) + 1) == (depth, 2)
+    assert choose(1.0) == (depth, depth)
+    for flag, want in (("off", (0, 0)), ("all", (depth, depth)), ("5", (5, 5))):
+        cfg.grad_ckpt = flag
+        assert choose(1.0 if flag == "off" else 1e15) == want  # as asked, whatever the memory
+    assert [gat.parse_grad_ckpt(v, depth) for v in (True, False, "auto")] == [depth, 0, None]
+    for bad in ("13", "-1", "some", "2.5"):
+        with pytest.raises(gat.UserError, match="expected auto, off, all or a number of blocks 0..12 per model"):
+            gat.parse_grad_ckpt(bad, depth)
+    cfg.grad_ckpt = "auto"
+    monkeypatch.setattr(gat, "memory_budget", lambda device, resident: ((peak((3, 0)) + peak((2, 0))) / 2, "fake"))
+    line = gat.setup_recompute(cfg, G, D, gat.TEACHER_SHAPE, torch.device("cpu"), 8)  # 8 ranks: 64 rows each
+    assert "recomputes 3/12 D blocks and 0/12 G blocks, the fewest (D's first)" in line and (D.ckpt_blocks, G.ckpt_blocks) == (3, 0)
+    assert gat.parse_args(["--grad-ckpt", "3"])[0].grad_ckpt == "3" and gat.Config().grad_ckpt == "auto"
+    assert gat.per_rank_rows(gat.Config(batch_size=512, grad_accum=2), 4) == 64  # the micro-batch is what is saved
 
 
 def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_weights():
@@ -1892,7 +2012,7 @@ def _bad_inputs(tmp):
                  (["--fid-num", "1"], "--fid-num"), (["--sample-truncation", "1.5"], "--sample-truncation"),
                  (["--beta2", "1"], "--beta2"), (["--steps", "0"], "--steps"), (["--base-lr", "inf"], "--base-lr"),
                  (["--r1-gamma", "nan"], "--r1-gamma"),
-                 (["--grad-accum", "0"], "--grad-accum"), (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum"), (["--batch-size", "x"], "--batch-size")]
+                 (["--grad-accum", "0"], "--grad-accum"), (["--grad-ckpt", "9"], "--grad-ckpt"), (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum"), (["--batch-size", "x"], "--batch-size")]
     cases = [("gat", d + argv, flag) for argv, flag in gat_cases]
     cases += [("gat", ["--data", str(tmp / "nowhere"), "--results", str(tmp / "runs")], "--data"),
               ("gat", d + ["--bench", "--device", "tpu9"], "--device")]
