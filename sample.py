@@ -84,18 +84,14 @@ def validate_args(args):
             raise gat.UserError(f"{flag} {value}: expected an integer >= {least}")
     if args.grid and args.interpolate:
         raise gat.UserError("--grid and --interpolate are separate modes: give one of them")
-    bad = [t for t in args.truncation if not 0 <= t <= 1]
-    if bad:
-        raise gat.UserError(f"--truncation {bad[0]:g}: expected values in [0, 1] (0 = none, 1 = class-mean image)")
-    if len(args.truncation) > 1 and not args.grid:
-        raise gat.UserError(f"--truncation {' '.join(f'{t:g}' for t in args.truncation)}: several values are "
-                            "for --grid only; give one value")
-    bad = [g for g in args.guidance if not 0 <= g <= 100]
-    if bad:
-        raise gat.UserError(f"--guidance {bad[0]:g}: expected values in [0, 100] (1 = off, 0 = class-free)")
-    if len(args.guidance) > 1 and not args.grid:
-        raise gat.UserError(f"--guidance {' '.join(f'{g:g}' for g in args.guidance)}: several values are "
-                            "for --grid only; give one value")
+    for flag, values, high, meaning in (("--truncation", args.truncation, 1, "0 = none, 1 = class-mean image"),
+                                        ("--guidance", args.guidance, 100, "1 = off, 0 = class-free")):
+        bad = [v for v in values if not 0 <= v <= high]
+        if bad:
+            raise gat.UserError(f"{flag} {bad[0]:g}: expected values in [0, {high}] ({meaning})")
+        if len(values) > 1 and not args.grid:  # one image per (z, class) outside a grid
+            raise gat.UserError(f"{flag} {' '.join(f'{v:g}' for v in values)}: several values are for --grid "
+                                "only; give one value")
     if args.interpolate and min(args.interpolate) < 0:
         raise gat.UserError(f"--interpolate {args.interpolate[0]} {args.interpolate[1]}: image indices must be >= 0")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
