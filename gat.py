@@ -1330,7 +1330,10 @@ def count_params(model):
 # assigns to the conditioning class; the within-class spread (mean distance to the class centroid,
 # generated / real: 1 = as varied as real digits, ~0 = one image per class); and Frechet distances
 # in pixel space and in the judge's feature space, with the real-vs-real floor and the score of the
-# ten class-mean images repeated (what a fully collapsed G would get).
+# ten class-mean images repeated (what a fully collapsed G would get). Spread and FD can look healthy
+# while G draws from a third of the digits' variety; the k-NN precision and recall (Kynkaanniemi et
+# al. 2019, k = 3, pixel space, 500 samples vs the 500 held-out digits) separate "good digits" from
+# "all the kinds of digits", beside what 500 real training digits score.
 # ------------------------------------------------------------------------------------------------
 def frechet_distance(a, b):
     """Frechet distance between Gaussians fitted to two sets of row vectors (fid.py's float64 math)."""
@@ -1377,6 +1380,14 @@ class DigitsJudge:
         col_t = torch.tensor(collapsed, dtype=torch.float32).view(-1, 1, 8, 8) / 8 - 1
         self.collapsed = dict(fd_pixel=frechet_distance(collapsed, held), fd_feature=frechet_distance(self.features(col_t), self.held["feat"]))
         self.real_spread = class_spread(held, self.held["y"], 10)
+        pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(2))[:self.PR_N].numpy()
+        self.floor["precision"], self.floor["recall"] = self.precision_recall(real[pick])
+
+    PR_N = 500  # samples on each side of the precision/recall
+
+    def precision_recall(self, pix):
+        import fid
+        return fid.precision_recall(self.held["pix"][:self.PR_N], pix[:self.PR_N], k=3)
 
     @staticmethod
     def _pix(x):
@@ -1393,11 +1404,13 @@ class DigitsJudge:
                    spread=class_spread(pix, self.y_eval.numpy(), 10) / self.real_spread,
                    fd_pixel=frechet_distance(pix, self.held["pix"]),
                    fd_feature=frechet_distance(self.features(x), self.held["feat"]))
+        out["precision"], out["recall"] = self.precision_recall(pix)  # z_eval's first 500: 50 per class
         out["collapsed"] = out["spread"] < self.COLLAPSED_BELOW
         if final:
             out.update(judge_accuracy=self.accuracy, fd_pixel_real_floor=self.floor["fd_pixel"],
                        fd_feature_real_floor=self.floor["fd_feature"], fd_pixel_class_means=self.collapsed["fd_pixel"],
-                       fd_feature_class_means=self.collapsed["fd_feature"])
+                       fd_feature_class_means=self.collapsed["fd_feature"], precision_real=self.floor["precision"],
+                       recall_real=self.floor["recall"])
         return out
 
     def report(self, s, step, minutes):
@@ -1408,7 +1421,11 @@ class DigitsJudge:
                 f"  pixel FD          {s['fd_pixel']:.1f}   (real vs held-out real {s['fd_pixel_real_floor']:.1f}; "
                 f"class means repeated {s['fd_pixel_class_means']:.1f})\n"
                 f"  feature FD        {s['fd_feature']:.2f}   (real vs held-out real {s['fd_feature_real_floor']:.2f}; "
-                f"class means repeated {s['fd_feature_class_means']:.2f})")
+                f"class means repeated {s['fd_feature_class_means']:.2f})\n"
+                f"  precision         {s['precision']:.2f}   (real vs held-out real {s['precision_real']:.2f}; the share of "
+                "samples that look like some real digit)\n"
+                f"  recall            {s['recall']:.2f}   (real vs held-out real {s['recall_real']:.2f}; the share of "
+                "real digits that some sample looks like)")
 
 
 # ------------------------------------------------------------------------------------------------

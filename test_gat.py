@@ -805,6 +805,8 @@ def test_collapsed_generator_is_reported_as_collapsed():
     G.mapping[0].weight.data[:, G.z_dim:] = 0  # w = mapping([class vector, z]): the z half no longer matters
     s = judge.evaluate(G, final=True)
     assert s["spread"] < 1e-3 and s["collapsed"] and "COLLAPSED" in judge.report(s, 0, 0.0)
+    assert s["recall"] < 0.1  # 10 images cover almost none of the real variety
+    assert 0.85 < s["precision_real"] < 1 and 0.85 < s["recall_real"] < 1  # real vs held-out: the level to reach
 
     class RealDigits:  # draws a different held-out digit of the class for every z
         z_dim = 64
@@ -816,6 +818,7 @@ def test_collapsed_generator_is_reported_as_collapsed():
     s = judge.evaluate(RealDigits(), final=True)
     assert s["spread"] > 0.8 and not s["collapsed"] and s["agreement"] > 0.9
     assert s["fd_pixel"] < s["fd_pixel_class_means"] / 3
+    assert s["precision"] == 1.0 and s["recall"] > 0.5  # each sample is a held-out digit: inside their manifold
 
 
 def test_benchmark_smoke(tmp_path):
