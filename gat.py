@@ -124,7 +124,10 @@ class Config:
 # The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why.
 DIGITS_PRESET = dict(
     size="tiny", patch=2,               # 8x8 pixels -> 4x4 = 16 tokens
-    batch_size=32, num_workers=0,       # small data in memory: no workers needed
+    batch_size=64, num_workers=0,       # measured at equal wall time (1,200 vs 2,000 iterations): batch 64
+                                        # reaches recall 0.25 and pixel FD 77 where batch 32 had 0.10 and 115
+    base_lr=4e-4,                       # width-aware lr 4.8e-3 at width 64: classes settle sooner (97% vs
+                                        # 89% agreement at 500 iterations); 1e-4 never left saturated pixels
     repa_weight=0.0,                    # no representation teacher exists for 8x8 digits
     augment="",                         # a 1-pixel shift or a 4x4 cutout is a large change to an 8x8 digit:
                                         # measured to halve the pace of class learning and prolong the
