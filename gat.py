@@ -38,6 +38,7 @@ import re
 import signal
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -1157,88 +1158,182 @@ def start_wandb(cfg, run_dir, world):
     return wandb
 
 
-def train(cfg):
-    rank, world, device = setup_distributed(cfg)
-    master = rank == 0
+def open_run(cfg):
+    """Everything a run needs before its first step, as one namespace: the processes, the data, the run
+    dir, the models and optimisers (restored from the checkpoint on a resume), recomputation, the DDP /
+    compile wrappers, the fixed grid noise and the demo's judge."""
+    r = types.SimpleNamespace(cfg=cfg)
+    r.rank, r.world, r.device = setup_distributed(cfg)
+    r.master = r.rank == 0
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    data = prepare_data(cfg)
-    check_batch_size(cfg, len(data["x"]) if cfg.data_kind == "pixel" else len(data["index"]), world)
-    run_dir = os.path.join(cfg.results, cfg.run)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    resume_path = (os.path.join(ckpt_dir, "latest.pt") if cfg.resume == "auto" else
+    r.data = prepare_data(cfg)
+    check_batch_size(cfg, len(r.data["x"]) if cfg.data_kind == "pixel" else len(r.data["index"]), r.world)
+    r.run_dir = os.path.join(cfg.results, cfg.run)
+    r.ckpt_dir = os.path.join(r.run_dir, "checkpoints")
+    resume_path = (os.path.join(r.ckpt_dir, "latest.pt") if cfg.resume == "auto" else
                    None if cfg.resume == "none" else cfg.resume)
     ckpt = None
     if resume_path and (cfg.resume != "auto" or os.path.isfile(resume_path)):
-        ckpt = load_checkpoint(resume_path)
+        ckpt = load_checkpoint(resume_path)  # read and checked before anything is written
         check_compatible(ckpt["config"], cfg, resume_path)
-    if master:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
+    if r.master:
+        os.makedirs(r.ckpt_dir, exist_ok=True)
+        with open(os.path.join(r.run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg) | {"world_size": r.world}, f, indent=2)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    G_raw, D_raw, G_ema, teacher = build_models(cfg, device)
-    opt_G, opt_D = make_optimizer(G_raw, cfg), make_optimizer(D_raw, cfg)
-    step = 0
-    if ckpt:
-        G_raw.load_state_dict(ckpt["G"]), D_raw.load_state_dict(ckpt["D"]), G_ema.load_state_dict(ckpt["G_ema"])
-        opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank], device)
-        else:  # a different world size cannot continue the same random streams
-            torch.manual_seed(cfg.seed + 1000 * step + rank)
-        if master:
-            print(f"resumed from {resume_path} at step {step}")
-    else:
-        torch.manual_seed(cfg.seed * 1000 + rank + 1)  # each rank its own augmentation and noise
-    memory_line = setup_recompute(cfg, G_raw, D_raw, teacher, device, world)
-    models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
-    lazy = {}  # models loaded on first use: the VAE, the Inception network and FID reference stats
-    if master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
-        lazy_vae(lazy, cfg, device)
-    flops_per_image = model_flops(cfg, teacher)["per_iteration"]  # for the logged TFLOP/s and MFU
+    r.G_raw, r.D_raw, r.G_ema, r.teacher = build_models(cfg, r.device)
+    r.opt_G, r.opt_D = make_optimizer(r.G_raw, cfg), make_optimizer(r.D_raw, cfg)
+    r.step = restore(r, ckpt, resume_path) if ckpt else 0
+    if not ckpt:
+        torch.manual_seed(cfg.seed * 1000 + r.rank + 1)  # each rank its own augmentation and noise
+    r.memory_line = setup_recompute(cfg, r.G_raw, r.D_raw, r.teacher, r.device, r.world)
+    r.models, r.autocast = wrap_models(r.G_raw, r.D_raw, r.G_ema, cfg, r.world, r.device)
+    r.lazy = {}  # models loaded on first use: the VAE, the Inception network and FID reference stats
+    if r.master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
+        lazy_vae(r.lazy, cfg, r.device)
+    r.flops_per_image = model_flops(cfg, r.teacher)["per_iteration"]  # for the logged TFLOP/s and MFU
 
     # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
     grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
-    grid_y = torch.tensor(grid_classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
-    grid_z = torch.randn(len(grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    r.grid_y = torch.tensor(grid_classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
+    r.grid_z = torch.randn(len(r.grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
     with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's random stream nor depends on it
         torch.manual_seed(0)
-        judge = DigitsJudge(data, device) if cfg.data_kind == "pixel" else None
+        r.judge = DigitsJudge(r.data, r.device) if cfg.data_kind == "pixel" else None
+    r.log_file = open(os.path.join(r.run_dir, "metrics.jsonl"), "a") if r.master else None
+    r.wb = start_wandb(cfg, r.run_dir, r.world) if r.master and cfg.wandb else None
+    return r
 
-    def checkpoint(path):
-        state = dict(format=CKPT_FORMAT, config=dataclasses.asdict(cfg), step=step, G=G_raw.state_dict(),
-                     D=D_raw.state_dict(), G_ema=G_ema.state_dict(), opt_G=opt_G.state_dict(), opt_D=opt_D.state_dict())
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state(device))
-        else:
-            rngs = [rng_state(device)]
-        if master:
-            atomic_save(state | {"rng": [{k: v.cpu() for k, v in r.items()} for r in rngs]}, path)
 
+def restore(r, ckpt, path):
+    """Models, EMA, optimisers and every rank's random state from a checkpoint -> its step."""
+    r.G_raw.load_state_dict(ckpt["G"]), r.D_raw.load_state_dict(ckpt["D"]), r.G_ema.load_state_dict(ckpt["G_ema"])
+    r.opt_G.load_state_dict(ckpt["opt_G"]), r.opt_D.load_state_dict(ckpt["opt_D"])
+    if len(ckpt["rng"]) == r.world:
+        set_rng_state(ckpt["rng"][r.rank], r.device)
+    else:  # a different world size cannot continue the same random streams
+        torch.manual_seed(r.cfg.seed + 1000 * ckpt["step"] + r.rank)
+    if r.master:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def save_checkpoint(r, path):
+    """Called on every rank (each contributes its random state); rank 0 writes, atomically."""
+    state = dict(format=CKPT_FORMAT, config=dataclasses.asdict(r.cfg), step=r.step, G=r.G_raw.state_dict(),
+                 D=r.D_raw.state_dict(), G_ema=r.G_ema.state_dict(), opt_G=r.opt_G.state_dict(), opt_D=r.opt_D.state_dict())
+    rngs = [None] * r.world
+    if r.world > 1:
+        dist.all_gather_object(rngs, rng_state(r.device))
+    else:
+        rngs = [rng_state(r.device)]
+    if r.master:
+        atomic_save(state | {"rng": [{k: v.cpu() for k, v in s.items()} for s in rngs]}, path)
+
+
+def print_run_start(r):
+    cfg, G, D = r.cfg, r.G_raw, r.D_raw
+    print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G):,} and D {count_params(D):,} trainable parameters; "
+          f"lr G {width_aware_lr(G.width, cfg.base_lr):.3g}, D {width_aware_lr(D.width, cfg.base_lr):.3g}; "
+          f"{r.world} process(es) on {r.device}, {'bf16' if use_bf16(cfg, r.device) else 'fp32'}; run dir {r.run_dir}")
+    print(r.memory_line)
+    print(f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
+                                             if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
+          + ("; then the demo prints what G learned" if r.judge is not None else ""))
+
+
+def sync_interval(r, sums, n_sum, elapsed, timed_out, step_last):
+    """The one host sync of a logging interval: the interval's mean metrics over steps and ranks, the
+    NaN check and the stop flag (any rank's signal or clock stops every rank) -> (metrics, stop)."""
+    names = sorted(sums)
+    vec = torch.stack([sums[k] / n_sum for k in names]
+                      + [torch.tensor(float(bool(STOP["signal"]) or bool(timed_out)), device=r.device)])
+    if r.world > 1:
+        dist.all_reduce(vec)
+        vec[:-1] /= r.world
+    vals = vec.tolist()
+    metrics = dict(zip(names, vals[:-1]))
+    if not all(math.isfinite(v) for v in metrics.values()):
+        bad = ", ".join(k for k, v in metrics.items() if not math.isfinite(v))
+        raise FloatingPointError(
+            f"non-finite values ({bad}) between steps {step_last} and {r.step}: the run stopped. "
+            f"The last good checkpoint is kept untouched in {r.ckpt_dir}; resume from it with a lower "
+            "--base-lr or other changes.")
+    metrics.update(step=r.step, lr_G=r.opt_G.param_groups[0]["lr"], lr_D=r.opt_D.param_groups[0]["lr"],
+                   images_per_s=n_sum * r.cfg.batch_size / max(elapsed, 1e-9))
+    metrics["model_tflops"] = r.flops_per_image * metrics["images_per_s"] / r.world / 1e12  # per process
+    if r.device.type == "cuda":
+        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(r.device) / 2**30
+        metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(r.device)[0]
+    return metrics, vals[-1] > 0
+
+
+def evaluate_and_log(r, metrics, bar):
+    """The interval's sample grid, demo figures and FID when due, then metrics.jsonl, wandb and the bar."""
+    cfg, step, wb_images = r.cfg, r.step, {}
+    if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
+        if r.master:
+            grid_path = os.path.join(r.run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
+            write_sample_grid(r.G_ema, cfg, r.grid_z, r.grid_y, grid_path, r.lazy, r.device)
+            wb_images = {"samples": r.wb.Image(grid_path)} if r.wb else {}
+        if r.judge is not None:
+            metrics.update(r.judge.evaluate(r.G_ema))
+    if cfg.fid_every and step % cfg.fid_every == 0:
+        metrics["fid"] = training_fid(r.G_ema, cfg, r.rank, r.world, r.device, r.lazy)
+    if r.master:
+        r.log_file.write(json.dumps(metrics) + "\n")
+        r.log_file.flush()
+        if r.wb:
+            r.wb.log(metrics | wb_images, step=step)
+        bar.set_postfix(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}",
+                        r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}",
+                        **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
+
+
+def keep_snapshot(r):
+    """A kept copy of latest.pt as checkpoints/<step>.pt, made the same atomic way."""
+    import shutil
+    snap = os.path.join(r.ckpt_dir, f"{r.step:07d}.pt")
+    shutil.copyfile(os.path.join(r.ckpt_dir, "latest.pt"), f"{snap}.tmp.{os.getpid()}")
+    os.replace(f"{snap}.tmp.{os.getpid()}", snap)
+
+
+def finish_run(r, stop_reason, t_start):
+    """Closes the logs, reports where the checkpoint is, and for the demo prints what G learned."""
+    if r.master:
+        r.log_file.close()
+        if r.wb:
+            r.wb.finish()
+        print(f"stopped at step {r.step} ({stop_reason or 'done'}); checkpoint {os.path.join(r.ckpt_dir, 'latest.pt')}")
+    if r.judge is not None and r.master:
+        summary = r.judge.evaluate(r.G_ema, final=True)
+        write_sample_grid(r.G_ema, r.cfg, r.grid_z, r.grid_y, os.path.join(r.run_dir, "digits_grid.png"), r.lazy, r.device)
+        print(r.judge.report(summary, r.step, (time.time() - t_start) / 60))
+        with open(os.path.join(r.run_dir, "demo_summary.json"), "w") as f:
+            json.dump(summary | {"step": r.step, "minutes": (time.time() - t_start) / 60}, f, indent=2)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train(cfg):
+    """The run: open it, then per step one train_step; every few steps (an interval) the one host sync,
+    the evaluations and logs, a checkpoint when due; a signal or the time budget ends it with one."""
+    r = open_run(cfg)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    log_file = open(os.path.join(run_dir, "metrics.jsonl"), "a") if master else None
-    wb = start_wandb(cfg, run_dir, world) if master and cfg.wandb else None
-    sums, n_sum, t_last, t_start, step_last, wb_images = {}, 0, time.time(), time.time(), step, {}
-    if master:
-        print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; "
-              f"lr G {width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; "
-              f"{world} process(es) on {device}, {'bf16' if use_bf16(cfg, device) else 'fp32'}; run dir {run_dir}")
-        print(memory_line)
-        print(f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
-                                                 if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
-              + ("; then the demo prints what G learned" if judge is not None else ""))
-    bar, t_bar = progress_bar(cfg, step, master), time.time()
-    stop_reason = None
-    for batch in batch_iterator(data, cfg, rank, world, step, device):
-        out = train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+    if r.master:
+        print_run_start(r)
+    sums, n_sum, t_last, t_start, step_last, stop_reason = {}, 0, time.time(), time.time(), r.step, None
+    bar, t_bar = progress_bar(cfg, r.step, r.master), time.time()
+    for batch in batch_iterator(r.data, cfg, r.rank, r.world, r.step, r.device):
+        out = train_step(r.models, r.opt_G, r.opt_D, r.teacher, batch, cfg, r.autocast)
         for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.float()
+            sums[k] = sums.get(k, 0) + v.float()  # on the device: no host sync inside an interval
         n_sum += 1
-        step += 1
+        r.step += 1
+        step = r.step
         if cfg.max_minutes:  # host clock only: the bar never waits on the device
             bar.set_description_str(f"step {step:,}", refresh=False)
             bar.update(min(time.time() - t_bar, bar.total - bar.n))
@@ -1248,79 +1343,25 @@ def train(cfg):
         timed_out = cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes
         snapshot = cfg.snapshot_every and step % cfg.snapshot_every == 0
         periodic_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0
-        check = (step % cfg.log_every == 0 or periodic_ckpt or step == cfg.steps or snapshot
-                 or (world == 1 and (STOP["signal"] or timed_out))
-                 or (cfg.sample_every and step % cfg.sample_every == 0) or (cfg.fid_every and step % cfg.fid_every == 0))
-        if not check:
+        if not (step % cfg.log_every == 0 or periodic_ckpt or step == cfg.steps or snapshot
+                or (r.world == 1 and (STOP["signal"] or timed_out))
+                or (cfg.sample_every and step % cfg.sample_every == 0) or (cfg.fid_every and step % cfg.fid_every == 0)):
             continue
-        # --- the one host sync of the interval: averaged metrics, NaN check, stop flags ---
-        names = sorted(sums)
-        vec = torch.stack([sums[k] / n_sum for k in names]
-                          + [torch.tensor(float(bool(STOP["signal"]) or bool(timed_out)), device=device)])
-        if world > 1:
-            dist.all_reduce(vec)
-            vec[:-1] /= world
-        vals = vec.tolist()
-        metrics = dict(zip(names, vals[:-1]))
-        if not all(math.isfinite(v) for v in metrics.values()):
-            bad = ", ".join(k for k, v in metrics.items() if not math.isfinite(v))
-            raise FloatingPointError(
-                f"non-finite values ({bad}) between steps {step_last} and {step}: the run stopped. "
-                f"The last good checkpoint is kept untouched in {ckpt_dir}; resume from it with a lower "
-                "--base-lr or other changes.")
-        elapsed = time.time() - t_last
-        metrics.update(step=step, lr_G=opt_G.param_groups[0]["lr"], lr_D=opt_D.param_groups[0]["lr"],
-                       images_per_s=n_sum * cfg.batch_size / max(elapsed, 1e-9),
-                       minutes=(time.time() - t_start) / 60)
-        metrics["model_tflops"] = flops_per_image * metrics["images_per_s"] / world / 1e12  # per process
-        if device.type == "cuda":
-            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(device)[0]
-        if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
-            if master:
-                grid_path = os.path.join(run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
-                write_sample_grid(G_ema, cfg, grid_z, grid_y, grid_path, lazy, device)
-                wb_images = {"samples": wb.Image(grid_path)} if wb else {}
-            if judge is not None:
-                metrics.update(judge.evaluate(G_ema))
-        if cfg.fid_every and step % cfg.fid_every == 0:
-            metrics["fid"] = training_fid(G_ema, cfg, rank, world, device, lazy)
-        if master:
-            log_file.write(json.dumps(metrics) + "\n")
-            log_file.flush()
-            if wb:
-                wb.log(metrics | wb_images, step=step)
-            bar.set_postfix(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}",
-                            r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}",
-                            **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
-        sums, n_sum, t_last, step_last, wb_images = {}, 0, time.time(), step, {}
-        if vals[-1] > 0:
+        metrics, stop = sync_interval(r, sums, n_sum, time.time() - t_last, timed_out, step_last)
+        metrics["minutes"] = (time.time() - t_start) / 60
+        evaluate_and_log(r, metrics, bar)
+        sums, n_sum, t_last, step_last = {}, 0, time.time(), step
+        if stop:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
         if periodic_ckpt or snapshot or stop_reason or step == cfg.steps:
-            checkpoint(os.path.join(ckpt_dir, "latest.pt"))
-        if snapshot and master:  # a kept copy, made the same atomic way
-            import shutil
-            snap = os.path.join(ckpt_dir, f"{step:07d}.pt")
-            shutil.copyfile(os.path.join(ckpt_dir, "latest.pt"), f"{snap}.tmp.{os.getpid()}")
-            os.replace(f"{snap}.tmp.{os.getpid()}", snap)
+            save_checkpoint(r, os.path.join(r.ckpt_dir, "latest.pt"))
+        if snapshot and r.master:
+            keep_snapshot(r)
         if stop_reason:
             break
     bar.close()
-    if master:
-        log_file.close()
-        if wb:
-            wb.finish()
-        print(f"stopped at step {step} ({stop_reason or 'done'}); checkpoint {os.path.join(ckpt_dir, 'latest.pt')}")
-    if judge is not None and master:
-        summary = judge.evaluate(G_ema, final=True)
-        write_sample_grid(G_ema, cfg, grid_z, grid_y, os.path.join(run_dir, "digits_grid.png"), lazy, device)
-        print(judge.report(summary, step, (time.time() - t_start) / 60))
-        with open(os.path.join(run_dir, "demo_summary.json"), "w") as f:
-            json.dump(summary | {"step": step, "minutes": (time.time() - t_start) / 60}, f, indent=2)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return G_ema, step
+    finish_run(r, stop_reason, t_start)
+    return r.G_ema, r.step
 
 
 def count_params(model):
@@ -1685,6 +1726,51 @@ def device_sync(device):
         torch.cuda.synchronize(device)
 
 
+def count_host_syncs(step, device):
+    """How often one call of step() makes the host wait for the GPU (CUDA reports each); None on CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def sampling_rates(G_ema, cfg, device, autocast, b, iters):
+    """Images/s of one G evaluation per image (a larger batch on GPU, as sample.py uses), and on GPU with
+    the SD-VAE decoder (random weights, same cost)."""
+    sync = functools.partial(device_sync, device)
+    sb = 256 if device.type == "cuda" else b
+    y = torch.randint(0, 1000, (sb,), device=device)
+    with autocast:
+        G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            x = G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
+        sync()
+    rates = dict(sample_G_images_per_s=sb * iters / (time.perf_counter() - t0))
+    if device.type == "cuda":
+        from diffusers.models import AutoencoderKL
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=256).to(device, torch.bfloat16).eval()
+        with torch.no_grad(), autocast:
+            decode_latents(vae, x[:64], batch=64)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(max(1, iters // 2)):
+                decode_latents(vae, G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y), batch=64)
+            sync()
+        rates["sample_G_vae_images_per_s"] = sb * max(1, iters // 2) / (time.perf_counter() - t0)
+    return rates
+
+
 def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     warmup, iters = warmup or (3 if device.type == "cuda" else 1), iters or (10 if device.type == "cuda" else 3)
@@ -1714,17 +1800,7 @@ def benchmark(cfg, warmup=None, iters=None):
     sync()
     dt = (time.perf_counter() - t0) / iters
     assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"
-    host_syncs = None
-    if device.type == "cuda":  # CUDA reports every call that makes the host wait for the GPU
-        import warnings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        host_syncs = sum("synchroniz" in str(w.message) for w in caught)
+    host_syncs = count_host_syncs(lambda: train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast), device)
     flops = model_flops(cfg, teacher)
     achieved = flops["per_iteration"] * b / dt
     if device.type == "cuda":
@@ -1744,31 +1820,7 @@ def benchmark(cfg, warmup=None, iters=None):
                                                      use_bf16(cfg, device), not cfg.exact_gp, teacher)["peak"] / 2**30)
     if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
         result["loader_images_per_s"] = loader_rate(cfg, device)
-    # sampling: one G evaluation per image (a larger batch on GPU, as sample.py uses); with the SD-VAE
-    # decoder (random weights, same cost) on GPU
-    sb = 256 if device.type == "cuda" else b
-    y = torch.randint(0, 1000, (sb,), device=device)
-    with autocast:
-        G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            x = G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
-        sync()
-    result["sample_G_images_per_s"] = sb * iters / (time.perf_counter() - t0)
-    if device.type == "cuda":
-        from diffusers.models import AutoencoderKL
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                            sample_size=256).to(device, torch.bfloat16).eval()
-        with torch.no_grad(), autocast:
-            decode_latents(vae, x[:64], batch=64)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(max(1, iters // 2)):
-                decode_latents(vae, G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y), batch=64)
-            sync()
-        result["sample_G_vae_images_per_s"] = sb * max(1, iters // 2) / (time.perf_counter() - t0)
+    result |= sampling_rates(G_ema, cfg, device, autocast, b, iters)
     print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({result['precision']}, compile={cfg.compile}, "
           f"REPA={result['repa']}): {result['ms_per_iteration']:.1f} ms/iteration, {result['images_per_s']:.1f} images/s, "
           f"{result['gflops_per_iteration']:.1f} GFLOP/iteration -> {result['achieved_tflops']:.3f} TFLOP/s, "
