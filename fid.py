@@ -590,14 +590,11 @@ def validate_args(args):
     if args.save_stats and (os.path.isdir(args.save_stats) or not os.path.isdir(os.path.dirname(args.save_stats) or ".")):
         raise InputError(f"--save-stats {args.save_stats!r}: expected a file path in an existing folder")
     if args.device:
+        import gat  # the four scripts share one device check
         try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise InputError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise InputError(f"--device {args.device!r}: {torch.cuda.device_count()} CUDA GPU(s) visible here")
+            gat.check_device("--device", args.device)
+        except gat.UserError as e:
+            raise InputError(str(e)) from None
 
 
 def main(argv=None):

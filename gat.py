@@ -6,7 +6,7 @@ the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in
 
   1. config            sizes (S/B/L/XL + tiny) and every training default, in one place
   2. blocks            RMSNorm, equalized linear, 2D RoPE, attention with qk-norm, SwiGLU
-  3. generator         mapping network -> style w -> modulated ViT over fixed tokens -> K MNG heads
+  3. generator         mapping network -> style w -> modulated ViT over trained position tokens -> K MNG heads
   4. discriminator     the K levels on channels -> ViT with [cls] -> projection logit, REPA projector
   5. MNG noise         multi-level noise-perturbed image guidance: one nested noise path over K levels
   6. augmentation      DiffAugment on latents, shared by all levels and by the REPA teacher image
@@ -14,15 +14,16 @@ the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in
   8. optimiser         width-aware AdamW, gradient clipping, EMA of G
   9. data              memory-mapped latents from prep_latents.py, or the sklearn digits demo
  10. checkpoints       atomic writes, exact resume
- 11. training loop     one D step then one G step per iteration; DDP via torchrun
- 12. demo evaluation   class agreement, within-class spread and Frechet distances on the digits
+ 11. training loop     one D step then one G step per iteration (optionally accumulated); DDP via torchrun
+ 12. demo evaluation   class agreement, within-class spread, Frechet distances, precision/recall on the digits
  13. training FID      FID-5K of the EMA G during training, spread over all ranks (uses fid.py)
- 14. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
+ 14. benchmark         ms/iteration, images/s, analytic FLOPs and MFU; the memory estimate and --grad-ckpt auto
 
 Run:
   python gat.py --data digits                            # CPU demo: tiny GAT on 8x8 digits, < 10 min
-  python test_gat.py                                     # the test suite
+  python test_gat.py                                     # the test suite (pip install pytest wandb first)
   torchrun --nproc_per_node=8 gat.py --size XL           # the paper's recipe on data/imagenet256
+  torchrun --nproc_per_node=2 gat.py --size XL --grad-accum 4   # the same global batch on 2 GPUs
   python gat.py --bench --size S --batch-size 8          # speed: ms/it, images/s, MFU
 """
 import argparse
@@ -1913,7 +1914,7 @@ CONFIG_CHECKS = [
 
 def validate_config(cfg):
     """Every setting checked before anything heavy is loaded: a UserError naming the flag, the value and
-    what is allowed. The data-dependent checks (batch size vs a latent dataset) follow in train()."""
+    what is allowed. The data-dependent check (batch size vs a latent dataset) follows in open_run()."""
     for f in dataclasses.fields(cfg):  # inf and nan pass most bounds above; no setting wants them
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             raise UserError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: expected a finite number")
@@ -1942,7 +1943,7 @@ def validate_config(cfg):
             raise UserError(f"--repa-teacher {cfg.repa_teacher!r}: not a timm model name (default {REPA_TEACHER})")
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError(f"--wandb {cfg.wandb} needs the wandb package: pip install wandb")
-    # the digits' size is known without loading them; a latent set's is checked in train() once opened
+    # the digits' size is known without loading them; a latent set's is checked in open_run() once opened
     check_batch_size(cfg, DIGITS_TRAIN if cfg.data == "digits" else None, int(os.environ.get("WORLD_SIZE", 1)))
 
 
