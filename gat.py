@@ -1313,8 +1313,8 @@ def finish_run(r, stop_reason, t_start):
         print(r.judge.report(summary, r.step, (time.time() - t_start) / 60))
         with open(os.path.join(r.run_dir, "demo_summary.json"), "w") as f:
             json.dump(summary | {"step": r.step, "minutes": (time.time() - t_start) / 60}, f, indent=2)
-    if dist.is_initialized():
-        dist.barrier()
+    if dist.is_initialized():  # all ranks together: one that tears down while another still works can
+        dist.barrier()         # abort at exit (SIGABRT seen with gloo across torchrun nodes, torch 2.14)
         dist.destroy_process_group()
 
 

@@ -607,8 +607,9 @@ import gat
 torch.set_num_threads(1)
 out = sys.argv[2]
 world = int(os.environ.get("WORLD_SIZE", 1))
-if world > 1:
-    dist.init_process_group("gloo")
+if world > 1:  # a mismatched collective raises after 2 minutes (with where) instead of hanging for 30
+    import datetime
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 rank = dist.get_rank() if world > 1 else 0
 print(f"RANK {rank} OF {world}", flush=True)
 # no augmentation, noiseless MNG and R1/R2 weights 0: the step is then a deterministic function of the
@@ -686,6 +687,10 @@ if world > 1 and (len(sys.argv) < 4 or sys.argv[3] != "step-only"):
     gat.train(tcfg)
     if rank == 0:
         print("TRAIN_OK")
+if world > 1 and dist.is_initialized():  # as gat.finish_run: a rank that tears down while another is
+    dist.barrier()                          # still at work can abort at exit (gloo, torch 2.14)
+    dist.destroy_process_group()
+print(f"RANK {rank} DONE", flush=True)
 '''
 
 
@@ -737,16 +742,25 @@ def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
     one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
                          env=env, timeout=300)
     assert one.returncode == 0, one.stderr
+    # each node's output to a file (a pipe left unread can block its writer), one deadline for both, and
+    # on failure both nodes' logs; loopback addresses, as two nodes on one machine
+    env = dict(env, GLOO_SOCKET_IFNAME="lo")
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gat-test",
-                               str(script), HERE, str(tmp_path / "two.pt"), "step-only"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+                               "--local-addr=127.0.0.1", str(script), HERE, str(tmp_path / "two.pt"), "step-only"],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env) for log in logs]
+    deadline = time.time() + 240
     try:
-        logs = [node.communicate(timeout=300)[0] for node in nodes]
+        while time.time() < deadline and any(node.poll() is None for node in nodes):
+            time.sleep(0.5)
     finally:
         for node in nodes:
             node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+            node.wait()
+    logs = [log.read_text() for log in logs]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(f"node {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
+    assert sorted(re.findall(r"RANK \d DONE", "".join(logs))) == ["RANK 0 DONE", "RANK 1 DONE"]
     assert sorted(re.findall(r"RANK \d OF \d", "".join(logs))) == ["RANK 0 OF 2", "RANK 1 OF 2"]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for part in ("D", "G"):
