@@ -12,6 +12,8 @@ per image (plus the VAE decoder for latent checkpoints), so 50,000 samples take 
 
 Everything is rebuilt from the checkpoint (size, patch, classes, pixel or latent data, VAE name); the
 authors' checkpoints (train.py's dict, generate.py's "model" or a bare state dict) load too.
+The .npz has the layout of ADM's sample batches because the field's FID-50K numbers (the paper's among
+them) come from ADM's evaluator, which reads that layout; fid.py reproduces that evaluator.
 Image i is a function of (--seed, i) alone: its z and its random class come from a generator seeded
 with both, so the output does not depend on the number of processes, and batches are fixed chunks of
 global indices, so each image also goes through the same batch whatever the number of processes.
@@ -77,7 +79,8 @@ def parse_args(argv=None):
 
 def validate_args(args):
     """Every setting checked before the checkpoint is read: a gat.UserError naming the flag, the value
-    and what is allowed (classes are checked against the checkpoint once it is loaded)."""
+    and what is allowed (classes are checked against the checkpoint once it is loaded). So a typo costs a
+    second, not the load of a checkpoint and a VAE on every rank."""
     for flag, value, least in (("--num-images", args.num_images, 1), ("--batch-size", args.batch_size, 1),
                                ("--cols", args.cols, 1), ("--frames", args.frames, 2), ("--seed", args.seed, 0)):
         if value < least:
@@ -124,6 +127,7 @@ def latent_codes(seed, indices, z_dim, num_classes):
     generator seeded by (seed, index) alone. (numpy's SeedSequence mixes both words; torch's CPU
     generator keeps only the low 32 bits of its seed, so (seed, index) pairs would collide there.)"""
     rngs = [np.random.default_rng([seed, i]) for i in indices]
+    # the reshape keeps z [0, z_dim] for a rank that has no images
     z = np.array([r.standard_normal(z_dim, dtype=np.float32) for r in rngs]).reshape(len(rngs), z_dim)
     y = np.array([r.integers(num_classes) for r in rngs], dtype=np.int64)
     return torch.from_numpy(z), torch.from_numpy(y)
@@ -142,6 +146,7 @@ def load_model(args, device):
 
 
 def autocast(device):
+    # gat.py's default precision ("auto"), which G is trained with: bf16 autocast on GPU, fp32 on CPU
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
@@ -160,15 +165,18 @@ def to_uint8(x):
 def write_npz(path, shards, labels):
     """ADM sample batch (arr_0 images, arr_1 labels) written shard by shard, so that 50,000 images
     (9.8 GB at 256 px) never sit in memory at once. A fixed zip timestamp: equal samples, equal file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp.{os.getpid()}"  # renamed when complete: a crash never leaves a truncated .npz at `path`
+    # stored, not compressed, as np.savez (ADM's writer) does: fid.py memory-maps arr_0 only when it is stored
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, parts in (("arr_0", shards), ("arr_1", labels)):
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            # zipfile must be told up front that a streamed member may pass 2 GiB (arr_0: 9.8 GB at 50,000)
             with zf.open(info, "w", force_zip64=True) as f:
                 shape = (sum(len(a) for a in parts), *parts[0].shape[1:])
+                # np.save's header, then the raw rows: np.load reads the member as if np.savez had written it
                 np.lib.format.write_array_header_1_0(f, dict(descr=np.lib.format.dtype_to_descr(parts[0].dtype),
                                                              fortran_order=False, shape=shape))
-                for a in parts:
+                for a in parts:  # 1,024 rows at a time: a whole memory-mapped shard's bytes would be GBs
                     for i in range(0, len(a), 1024):
                         f.write(np.ascontiguousarray(a[i:i + 1024]).tobytes())
     os.replace(tmp, path)
@@ -185,6 +193,8 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
     classes = parse_classes(args.classes, cfg.num_classes, "random")
     N, B = args.num_images, args.batch_size
     n_batches = math.ceil(N / B)
+    # whole global batches per rank: batch k always holds images kB .. kB + B - 1, so each image is computed
+    # in the same batch whatever the number of ranks, and 1 or 8 ranks write the same .npz
     lo, hi = (min(N, B * (n_batches * r // world)) for r in (rank, rank + 1))
     png_dir = os.path.join(args.out, "images")
     if not args.no_png and os.path.isdir(png_dir) and os.listdir(png_dir):
@@ -198,21 +208,21 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
         dist.barrier()  # every rank has checked the folder before any rank writes into it
     os.makedirs(png_dir if not args.no_png else args.out, exist_ok=True)
     shard, pending = None, deque()
-    width = max(6, len(str(N - 1)))
+    width = max(6, len(str(N - 1)))  # zero-padded: name order is index order, the order fid.py reads a folder
     from tqdm import tqdm
     bar = tqdm(total=N, unit="img", disable=rank != 0, dynamic_ncols=True, desc=f"{world} process(es)")
     t0 = time.time()
     z, y = latent_codes(args.seed, range(lo, hi), cfg.z_dim, cfg.num_classes)  # all of them now: none per batch
     if classes is not None:
         y = torch.tensor([classes[i % len(classes)] for i in range(lo, hi)], dtype=torch.long)
-    with ThreadPoolExecutor(max(2, (os.cpu_count() or 2) // world)) as pool:
+    with ThreadPoolExecutor(max(2, (os.cpu_count() or 2) // world)) as pool:  # the ranks here share the cores
         for start in range(lo, hi, B):
             idx, rows = range(start, min(start + B, hi)), slice(start - lo, min(start + B, hi) - lo)
             with autocast(device):
                 x = decode(vae, G.generate(z[rows].to(device), y[rows].to(device), args.truncation[0],
                                              args.guidance[0]))
             images = to_uint8(x).cpu().numpy()  # the one host sync per batch
-            if shard is None:
+            if shard is None:  # on disk, not in RAM; made at the first batch, which tells the image shape
                 shard = np.lib.format.open_memmap(shard_path, "w+", np.uint8, (hi - lo, *images.shape[1:]))
             shard[rows] = images
             if not args.no_png:
@@ -227,17 +237,18 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
         shard.flush()
         np.save(label_path, y.numpy())
     if world > 1:
-        dist.barrier()
+        dist.barrier()  # every shard is on disk before rank 0 reads them
     bar.close()
     seconds = time.time() - t0
     if rank == 0:
         paths = [(s, l) for s, l in ((os.path.join(args.out, f".{w}_rank{r}.npy") for w in ("shard", "labels"))
-                                     for r in range(world)) if os.path.isfile(s)]
+                                     for r in range(world)) if os.path.isfile(s)]  # a rank without batches wrote none
         shards = [np.load(s, mmap_mode="r") for s, _ in paths]
         assert sum(len(s) for s in shards) == N, "the ranks' shards do not add up to --num-images"
+        # ADM's name for a sample batch, samples_NxHxWx3.npz
         npz = os.path.join(args.out, f"samples_{N}x{'x'.join(map(str, shards[0].shape[1:]))}.npz")
         write_npz(npz, shards, [np.load(l) for _, l in paths])
-        del shards
+        del shards  # closes the memory maps before their files are removed
         for path in sum(paths, ()):
             os.remove(path)
         print(f"{N} images in {seconds:.1f} s: {N / seconds:.1f} images/s on {world} process(es) "
@@ -257,7 +268,7 @@ def sample_grid(G, cfg, vae, args, device):
     pairs = [(t, s) for t in args.truncation for s in args.guidance]
     R, T, J = len(classes), len(pairs), args.cols
     z = z.repeat(R, 1).to(device)  # [R*J, z_dim]
-    y = torch.tensor(classes).repeat_interleave(J).to(device)
+    y = torch.tensor(classes).repeat_interleave(J).to(device)  # [R*J]: row r is class r
     blocks = []
     for t, s in pairs:
         with autocast(device):
@@ -281,7 +292,8 @@ def sample_interpolation(G, cfg, vae, args, device):
         raise gat.UserError("--interpolate takes one class (between two z) or two (between two classes) in --classes")
     (i, j), t, s = args.interpolate, args.truncation[0], args.guidance[0]
     z, _ = latent_codes(args.seed, [i, j], cfg.z_dim, cfg.num_classes)
-    alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]
+    # the line runs in w, not z: the class enters through the mapping, so only in w can the two ends differ in class
+    alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]  # [frames, 1]
     with autocast(device):
         w = G.style(z.to(device), torch.tensor([classes[0], classes[-1]], device=device), t, s)  # [2, C]
         x = torch.cat([decode(vae, G.synthesis(a)[-1]) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
@@ -300,7 +312,7 @@ def main(argv=None):
     try:
         validate_args(args)
         rank, world, device = gat.setup_distributed(args)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as in training (open_run)
         G, cfg, vae = load_model(args, device)
         if args.grid or args.interpolate:
             if rank == 0:  # small jobs: one process does them
