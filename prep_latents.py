@@ -12,6 +12,10 @@ a shard is marked done in OUT/progress/ only after its data is on disk, so rerun
 after an interruption redoes at most the unfinished shards. A file that fails to decode keeps its slot
 (and label) but is marked invalid and listed in skipped.jsonl. manifest.json says "complete": true only
 after a final pass has checked that every slot was written.
+
+The posterior's moments are stored rather than one sample of it, so that every training step can draw a
+fresh sample. No flipped copies are stored: gat.py's augmentation flips the latents and the teacher's
+images together during training.
 """
 
 import argparse
@@ -30,8 +34,9 @@ from tqdm import tqdm
 
 import gat
 
-FORMAT = "gat-latents-v1"
+FORMAT = "gat-latents-v1"  # gat.py refuses a folder of any other format (gat.load_latent_dataset)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+# written next to each array in manifest.json, so that the folder describes itself
 HOLDS = {
     "moments": "VAE posterior per slot, unscaled: channels 0-3 mean, 4-7 std; zeros where not valid",
     "images": "ADM center-cropped RGB image, NHWC uint8 (the REPA teacher's input); zeros where not valid",
@@ -60,16 +65,19 @@ def parse_args(argv=None):
     p.add_argument("--inception", default=None, help="local Inception weights for --ref-stats (see fid.py)")
     args = p.parse_args(argv)
     validate_args(args)
-    if args.precision is None:
+    if args.precision is None:  # fp16, not bf16: 3 more mantissa bits, and encode() redoes an overflow in fp32
         args.precision = "fp16" if args.device.startswith("cuda") else "fp32"
     if args.workers is None:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        # the cores this process may use (a container or taskset can allow fewer than cpu_count), shared by
+        # the ranks on this machine
         args.workers = max(1, len(os.sched_getaffinity(0)) // local_world)
     return args
 
 
 def validate_args(args):
-    """Every setting checked before torch.distributed, the scan or the VAE: one `error: ...` line (exit 1)."""
+    """Every setting checked before torch.distributed, the scan or the VAE: one `error: ...` line (exit 1),
+    so that a typo costs a second, not a VAE download or a scan of ImageNet's 1.28M files."""
     for flag, value, least in (("--resolution", args.resolution, 8), ("--batch-size", args.batch_size, 1),
                                ("--shard-size", args.shard_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
@@ -92,6 +100,8 @@ def scan(root):
     if not os.path.isdir(root):
         raise SystemExit(f"error: --images {root!r} is not a folder: pass the folder whose subfolders are the classes "
                          f"(for ImageNet, the train/ folder)")
+    # Sorted throughout: sorted folder names give ImageNet's standard class indices (n01440764, tench, is 0;
+    # 207 is the golden retriever), and a rerun must find the same slots to resume (prepare compares files.txt).
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     # A hidden folder (.ipynb_checkpoints, .cache) would otherwise become a class and shift every later label.
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
@@ -165,7 +175,7 @@ def read_json(path):
 
 def settings(args, vae):
     """What the contents depend on; a resumed run must match them exactly."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each encoder block but the last halves the side
     if args.resolution % factor:
         raise SystemExit(f"error: --resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     side = args.resolution // factor
@@ -184,6 +194,7 @@ def prepare(args, vae, classes, files, labels):
         if manifest.get("format") != FORMAT or have != want:
             raise SystemExit(f"error: {out} holds a run with other settings ({have}, this run: {want}): "
                              f"pass the same arguments to resume it, or another --out")
+        # surrogateescape, here and below: file names that are not valid UTF-8 round-trip byte for byte
         with open(os.path.join(out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
             old = f.read().splitlines()
         if old != files or manifest["class_names"] != classes:
@@ -283,16 +294,20 @@ def encode(vae, images, precision):
         h = vae.encode(x).latent_dist.parameters.float()
     mean, logvar = h.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
-    return torch.cat([mean, std], dim=1).half()
+    return torch.cat([mean, std], dim=1).half()  # float16 on disk: see prepare
 
 
 def encode_shards(args, vae, files, todo, rank, world, device):
+    """This rank's shards (todo) encoded into the memory-mapped arrays, each marked done as it completes;
+    returns the number of slots encoded."""
     out, size, n = args.out, args.shard_size, len(files)
     spans = {s: (s * size, min(n, (s + 1) * size)) for s in todo}
     # Batches never straddle shards, so a shard is finished the moment its last batch is written, and a
     # resumed run forms exactly the same batches as an uninterrupted one.
     batches = [list(range(i, min(i + args.batch_size, b))) for a, b in spans.values()
                for i in range(a, b, args.batch_size)]
+    # pinned memory makes the non_blocking copy to the GPU asynchronous; DataLoader refuses a prefetch_factor
+    # when there are no workers
     loader = torch.utils.data.DataLoader(Slots(args.images, files, args.resolution), batch_sampler=batches,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          prefetch_factor=4 if args.workers else None)
@@ -310,7 +325,7 @@ def encode_shards(args, vae, files, todo, rank, world, device):
         arrays["moments"][a:b] = moments.numpy()
         arrays["images"][a:b] = images.numpy()
         arrays["valid"][a:b] = ok.numpy()
-        s = a // size
+        s = a // size  # the batch's shard (batches never straddle shards)
         for slot, reason in zip(slots.tolist(), reasons):
             if reason:
                 skipped[s].append({"slot": slot, "file": files[slot], "reason": reason})
@@ -334,6 +349,7 @@ def ref_stats(args, rank, world, device):
 
     model = fid.load_inception(args.inception, device)
     images = np.load(os.path.join(args.out, "images.npy"), mmap_mode="r")
+    # valid slots only (an invalid one holds a black placeholder), in one contiguous share per rank
     mine = np.array_split(np.flatnonzero(np.load(os.path.join(args.out, "valid.npy"))), world)[rank]
     # Running sums of x and x x^T (float64) rather than the features themselves: ImageNet's features would
     # take 21 GB, the sums are a vector and a matrix per kind, which all_reduce adds up across ranks.
@@ -346,7 +362,7 @@ def ref_stats(args, rank, world, device):
             f = feats[k].double()  # [B, D]
             s1 += f.sum(0)
             s2 += f.T @ f
-    n = torch.tensor(float(len(mine)), dtype=torch.float64, device=device)
+    n = torch.tensor(float(len(mine)), dtype=torch.float64, device=device)  # a tensor: all_reduce adds it too
     if world > 1:
         for t in (n, *(s for pair in sums.values() for s in pair)):
             dist.all_reduce(t)
@@ -364,7 +380,7 @@ def ref_stats(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    distributed = "RANK" in os.environ
+    distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -394,6 +410,7 @@ def main(argv=None):
         files = f.read().splitlines()
     done = {s for s in range(manifest["num_shards"]) if os.path.exists(marker(args.out, s))}
     barrier()  # everyone has seen the same finished shards before anyone adds to them
+    # dealt round-robin: the shards a resumed run has left spread evenly over however many ranks it has now
     todo = [s for s in range(manifest["num_shards"]) if s not in done][rank::world]
     if rank == 0:
         print(f"{len(files)} images in {manifest['num_classes']} classes -> {args.out}: {manifest['num_shards']} "
@@ -404,12 +421,12 @@ def main(argv=None):
     count = torch.tensor(encode_shards(args, vae, files, todo, rank, world, device), device=device)
     barrier()
     if distributed:
-        dist.all_reduce(count)
+        dist.all_reduce(count)  # the rate printed below is over all ranks
     seconds = time.time() - t0
     if rank == 0:
         print(f"encoded {int(count)} images in {seconds:.1f}s: {int(count) / seconds:.1f} images/s")
         finish(args.out, manifest, ignored)
-    barrier()
+    barrier()  # ref_stats reads the arrays only once rank 0 has checked them
     if args.ref_stats:
         ref_stats(args, rank, world, device)
     if distributed:
