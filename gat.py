@@ -203,6 +203,35 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, rotated, sin)  # x cos + rotated sin
 
 
+def rms_norm(x, weight, eps=None):
+    """F.rms_norm over the last dim. On CPU with gradients, through RMSNormCPU: there autograd runs it
+    as composite ops that also save the normalised tensor for the weight's gradient, one more [rows, T,
+    C] per norm (0.6 GB in D's 4B-row step at S/2 batch 8, fp32). RMSNormCPU saves only the input
+    and recomputes 1/rms in backward; on GPU F.rms_norm runs as it is."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormCPU.apply(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+class RMSNormCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
+        return F.rms_norm(x, x.shape[-1:], weight, eps)  # inside forward: no graph, the fused kernel
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the kernel)
+        xf, gw = x.to(up), grad.to(up) * weight.to(up)
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
+        n = xf * rstd
+        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
+        dw = (grad.to(up) * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with per-head RMSNorm on q and k (qk-norm keeps the logits bounded,
     which GAN training needs) and 2D RoPE, through fused scaled-dot-product attention."""
@@ -219,8 +248,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
         # the norms' weights cast to the activations' dtype keep bf16 autocast on the fused kernel
-        q = apply_rope(F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), None), *rope).to(v.dtype)
-        k = apply_rope(F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), None), *rope).to(v.dtype)
+        q = apply_rope(rms_norm(q, self.q_norm.weight.to(q.dtype)), *rope).to(v.dtype)
+        k = apply_rope(rms_norm(k, self.k_norm.weight.to(k.dtype)), *rope).to(v.dtype)
         x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, hd]
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
@@ -235,8 +264,27 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, width)
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        a, b = self.w12(x).chunk(2, dim=-1)  # 2 x [B, T, hidden]
+        return self.w3(SiLUGate.apply(a, b))
+
+
+class SiLUGate(torch.autograd.Function):
+    """silu(a) * b, saving only a and b (views of w12's output, kept anyway) for backward, which
+    recomputes silu(a): autograd's own silu-then-mul also saves silu(a), a [rows, T, hidden] tensor per
+    block (in D's 4B-row step 0.4 GB at S/2 batch 8, fp32), for one cheap elementwise op."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward (--exact-gp): silu_backward has no derivative
+            sig = torch.sigmoid(a)
+            return grad * b * sig * (1 + a * (1 - sig)), grad * a * sig
+        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
 
 
 def xavier_init(module):
@@ -407,8 +455,8 @@ class DBlock(nn.Module):
         self.ls2 = nn.Parameter(torch.full((width,), 0.1))
 
     def forward(self, x, rope):
-        x = torch.addcmul(x, self.ls1, self.attn(self.norm1(x), rope))  # x + ls1 * branch in one pass
-        return torch.addcmul(x, self.ls2, self.ffn(self.norm2(x)))
+        x = torch.addcmul(x, self.ls1, self.attn(rms_norm(x, self.norm1.weight, 1e-6), rope))  # x + ls1 * branch
+        return torch.addcmul(x, self.ls2, self.ffn(rms_norm(x, self.norm2.weight, 1e-6)))
 
 
 class Discriminator(nn.Module):
@@ -619,6 +667,8 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     see_fake = lambda levels: levels_to_channels(mng_perturb(augment(levels, aug_fake), eps_fake))
     repa_rows = B if teacher is not None else 0
     logs = {}
+    if teacher is not None:  # before D's forward: the teacher's temporaries come and go below D's saved tensors
+        target = teacher_features(teacher, images_u8, aug_real, x_real.shape[-1] // cfg.patch)
     if cfg.exact_gp:  # ablation: true R1/R2 by double backward (math attention kernel required)
         x_real, fake_levels = x_real.detach().requires_grad_(), fake_levels.detach().requires_grad_()
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
@@ -638,7 +688,6 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     loss = adv + cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2
     logs.update(d_adv=adv, r1=r1, r2=r2, d_real=l_real.mean(), d_fake=l_fake.mean())
     if teacher is not None:
-        target = teacher_features(teacher, images_u8, aug_real, math.isqrt(feats.shape[1] - 1))
         repa_cls, repa_patch = repa_loss(feats, target)
         loss = loss + cfg.repa_weight * (repa_cls + repa_patch)
         logs.update(repa_cls=repa_cls, repa_patch=repa_patch)
@@ -1166,6 +1215,7 @@ def open_run(cfg):
     r = types.SimpleNamespace(cfg=cfg)
     r.rank, r.world, r.device = setup_distributed(cfg)
     r.master = r.rank == 0
+    tune_cpu_malloc(r.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     r.data = prepare_data(cfg)
     check_batch_size(cfg, len(r.data["x"]) if cfg.data_kind == "pixel" else len(r.data["index"]), r.world)
@@ -1559,19 +1609,24 @@ TEACHER_SHAPE = dict(params=85_724_928, width=768, tokens=257)  # DINOv2 ViT-B/1
 
 def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
     """Bytes one row leaves saved in one transformer block of T tokens, width C, H heads. Full (D step,
-    G step's G), fp32: 17 [T, C] tensors (norm1 input/normalised/output, qkv's 3, q and k normalised, q
-    and k rotated, attention output, proj input and output, norm2's 3, FFN output) and 4 [T, hidden]
-    (w12's 2, SiLU out, gated product). bf16: 8 fp32 [T, C] (the RMSNorms' fp32 input and normalised
-    copies, q and k included) and 11 bf16 ones, 4 bf16 [T, hidden]. frozen (D in the G step): 8 / 3 in
-    fp32, 4 fp32 + 6 bf16 / 3 bf16 in bf16. modulated (G): its scale/gate vectors. Math attention (not
-    flash) also keeps each head's [T, T] probabilities."""
+    G step's G), fp32: 13 [T, C] tensors (norm1 input and output, qkv's 3, q and k rotated, attention
+    output, proj input and output, norm2's input and output, FFN output; G's weightless, modulated norms
+    also keep their normalised tensors, 2 more) and 3 [T, hidden] (w12's 2, the gated product; SiLUGate
+    recomputes SiLU). bf16: 2 fp32 [T, C] (the norms' fp32 inputs; G's normalised copies, 2 more) and 11
+    bf16 ones, 3 bf16 [T, hidden]. frozen (D in the G step): 8 / 2 in fp32, 2 fp32 + 6 bf16 / 2 bf16 in
+    bf16. modulated (G): its scale/gate vectors. Counted on CPU, where a test holds it to autograd's
+    own count."""
     F_ = int(2 / 3 * 4 * C)
     stats = 4 * (2 * T + 3 * H * T)  # RMSNorm, q/k-norm reciprocal RMS and attention log-sum-exp: fp32
     if bf16:
-        act = (4 * 4 + 2 * 6) * T * C + 2 * 3 * T * F_ if frozen else (4 * 8 + 2 * 11) * T * C + 2 * 4 * T * F_ + 2 * 7 * C * modulated
+        act = (4 * 2 + 2 * 6) * T * C + 2 * 2 * T * F_ if frozen else \
+            (4 * (2 + 2 * modulated) + 2 * 11) * T * C + 2 * 3 * T * F_ + 2 * 7 * C * modulated
     else:
-        act = 4 * (8 * T * C + 3 * T * F_) if frozen else 4 * (17 * T * C + 4 * T * F_ + 6 * C * modulated)
-    maps = 0 if flash else (2 if bf16 else 4) * H * T * T
+        act = 4 * (8 * T * C + 2 * T * F_) if frozen else \
+            4 * ((13 + 2 * modulated) * T * C + 3 * T * F_ + 6 * C * modulated)
+    # math attention keeps the [T, T] probabilities; under bf16 CPU's math kernel works in fp32: fp32
+    # probabilities and fp32 copies of q, k and v in place of the bf16 ones
+    maps = 0 if flash else 4 * H * T * T + (4 - 2) * 3 * T * C * bf16
     return act + stats + maps
 
 
@@ -1721,6 +1776,22 @@ def loader_rate(cfg, device, batches=20):
     return batches * c.batch_size / (time.perf_counter() - t0)
 
 
+def tune_cpu_malloc(device):
+    """On CPU, the step's large tensors come and go through glibc's malloc, which by default hands every
+    block over its mmap threshold back to the OS on free (the next one of that size page-faults on fresh,
+    zeroed pages) and raises that threshold as blocks are freed, so the first iterations run slower than
+    the later ones. Measured at S/2 batch 8 fp32 with REPA: 30-40 s of the kernel's time per 5 iterations
+    and 27 -> 18 s iterations by default; with the threshold fixed at its 32 MiB maximum, freed memory
+    kept (trim and top pad) and one arena, 12 s and 18 -> 14.5 s. No effect off glibc or on GPU."""
+    import ctypes, platform
+    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+    settings = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 256 * 2**20), (M_ARENA_MAX, 1))
+    return all(mallopt(k, v) == 1 for k, v in settings)
+
+
 def device_sync(device):
     """Waits for the device's queued work (timing only; the training step never calls this)."""
     if device.type == "cuda":
@@ -1774,8 +1845,11 @@ def sampling_rates(G_ema, cfg, device, autocast, b, iters):
 
 def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    warmup, iters = warmup or (3 if device.type == "cuda" else 1), iters or (10 if device.type == "cuda" else 3)
+    # 3 warm-up iterations reach the steady state on both devices (on this project's CPU, S/2 batch 8 with
+    # REPA: 19, 18, then 15-16 s per iteration; oneDNN's and malloc's first passes are the slow ones)
+    warmup, iters = warmup or 3, iters or (10 if device.type == "cuda" else 3)
     check_batch_size(cfg, None, 1)
+    tune_cpu_malloc(device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     # a CPU's peak is measured before and after the run and the higher one kept: a shared machine (or
