@@ -197,23 +197,26 @@ def rope_2d(head_dim, grid, base=10000.0):
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, H, T, hd]; rotates each pair (x[2i], x[2i+1]) by the token's angle."""
+    """Rotates each pair (x[2i], x[2i+1]) of x [..., hd] by its token's angle; cos and sin broadcast to x
+    (in Attention x is [B, T, H, hd] and they are [T, 1, hd])."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # [B, H, T, hd]
+    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # x's shape
     return torch.addcmul(x * cos, rotated, sin)  # x cos + rotated sin
 
 
 def rms_norm(x, weight, eps=None):
-    """F.rms_norm over the last dim. On CPU with gradients, through RMSNormCPU: there autograd runs it
-    as composite ops that also save the normalised tensor for the weight's gradient, one more [rows, T,
-    C] per norm (0.6 GB in D's 4B-row step at S/2 batch 8, fp32). RMSNormCPU saves only the input
-    and recomputes 1/rms in backward; on GPU F.rms_norm runs as it is."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return RMSNormCPU.apply(x, weight, eps)
+    """F.rms_norm over the last dim, with gradients through RMSNormSavingInput: autograd's own rms_norm
+    (composite on CPU) also saves the normalised tensor for the weight's gradient, one more [rows, T, C]
+    per norm (0.6 GB in D's 4B-row step at S/2 batch 8, fp32), and the memory estimate counts one graph
+    on every device."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormSavingInput.apply(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
-class RMSNormCPU(torch.autograd.Function):
+class RMSNormSavingInput(torch.autograd.Function):
+    """Saves x and the weight; backward recomputes 1/rms (one reduction) and runs in fp32."""
+
     @staticmethod
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
@@ -246,11 +249,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, hd]
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)  # 3 x [B, T, H, hd]
+        cos, sin = (r[:, None] for r in rope)  # [T, 1, hd]: the same angles for every head
         # the norms' weights cast to the activations' dtype keep bf16 autocast on the fused kernel
-        q = apply_rope(rms_norm(q, self.q_norm.weight.to(q.dtype)), *rope).to(v.dtype)
-        k = apply_rope(rms_norm(k, self.k_norm.weight.to(k.dtype)), *rope).to(v.dtype)
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, hd]
+        q = apply_rope(rms_norm(q, self.q_norm.weight.to(q.dtype)), cos, sin).to(v.dtype)
+        k = apply_rope(rms_norm(k, self.k_norm.weight.to(k.dtype)), cos, sin).to(v.dtype)
+        # heads as [B, H, T, hd] views of token-major tensors: the output comes back token-major, so the
+        # [B, T, C] input of proj is a view of it, not a second copy kept for backward
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, hd]
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
 
@@ -1609,21 +1615,22 @@ TEACHER_SHAPE = dict(params=85_724_928, width=768, tokens=257)  # DINOv2 ViT-B/1
 
 def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
     """Bytes one row leaves saved in one transformer block of T tokens, width C, H heads. Full (D step,
-    G step's G), fp32: 13 [T, C] tensors (norm1 input and output, qkv's 3, q and k rotated, attention
-    output, proj input and output, norm2's input and output, FFN output; G's weightless, modulated norms
-    also keep their normalised tensors, 2 more) and 3 [T, hidden] (w12's 2, the gated product; SiLUGate
-    recomputes SiLU). bf16: 2 fp32 [T, C] (the norms' fp32 inputs; G's normalised copies, 2 more) and 11
-    bf16 ones, 3 bf16 [T, hidden]. frozen (D in the G step): 8 / 2 in fp32, 2 fp32 + 6 bf16 / 2 bf16 in
+    G step's G), fp32: 12 [T, C] tensors (norm1 input and output, qkv's 3, q and k rotated, attention
+    output = proj input, proj output, norm2's input and output, FFN output; G's weightless, modulated
+    norms also keep their normalised tensors, 2 more) and 3 [T, hidden] (w12's 2, the gated product;
+    SiLUGate recomputes SiLU). bf16: 2 fp32 [T, C] (the norms' fp32 inputs; G's normalised copies, 2
+    more) and 10 bf16 ones, 3 bf16 [T, hidden]. Math attention returns head-major: proj's input is one
+    more copy. frozen (D in the G step): 8 / 2 in fp32, 2 fp32 + 6 bf16 / 2 bf16 in
     bf16. modulated (G): its scale/gate vectors. Counted on CPU, where a test holds it to autograd's
     own count."""
     F_ = int(2 / 3 * 4 * C)
     stats = 4 * (2 * T + 3 * H * T)  # RMSNorm, q/k-norm reciprocal RMS and attention log-sum-exp: fp32
     if bf16:
         act = (4 * 2 + 2 * 6) * T * C + 2 * 2 * T * F_ if frozen else \
-            (4 * (2 + 2 * modulated) + 2 * 11) * T * C + 2 * 3 * T * F_ + 2 * 7 * C * modulated
+            (4 * (2 + 2 * modulated) + 2 * (10 + (not flash))) * T * C + 2 * 3 * T * F_ + 2 * 7 * C * modulated
     else:
         act = 4 * (8 * T * C + 2 * T * F_) if frozen else \
-            4 * ((13 + 2 * modulated) * T * C + 3 * T * F_ + 6 * C * modulated)
+            4 * ((12 + (not flash) + 2 * modulated) * T * C + 3 * T * F_ + 6 * C * modulated)
     # math attention keeps the [T, T] probabilities; under bf16 CPU's math kernel works in fp32: fp32
     # probabilities and fp32 copies of q, k and v in place of the bf16 ones
     maps = 0 if flash else 4 * H * T * T + (4 - 2) * 3 * T * C * bf16
