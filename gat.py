@@ -185,6 +185,15 @@ def add_pos_table(module, name, width, grid, fixed):
         setattr(module, name, nn.Parameter(table))
 
 
+def add_rope_tables(module, head_dim, grid, prefix_tokens=0):
+    """rope_2d's tables as the module's rope_cos / rope_sin buffers, [prefix + T, head_dim] (not saved:
+    rebuilt from the shapes). Prefix tokens such as D's [cls] are not rotated: identity rotation (cos 1,
+    sin 0) in front of the spatial ones."""
+    cos, sin = rope_2d(head_dim, grid)
+    module.register_buffer("rope_cos", F.pad(cos, (0, 0, prefix_tokens, 0), value=1.0), persistent=False)
+    module.register_buffer("rope_sin", F.pad(sin, (0, 0, prefix_tokens, 0), value=0.0), persistent=False)
+
+
 def rope_2d(head_dim, grid, base=10000.0):
     """2D rotary embedding tables (cos, sin), each [T, head_dim]: the first half of a head's dims
     rotates with the token's row, the second half with its column, on interleaved pairs."""
@@ -366,9 +375,9 @@ class Generator(nn.Module):
                  num_levels=4, ckpt_blocks=0, fixed_pos_embed=False):
         super().__init__()
         cfg, C, grid = size_config(size, patch, input_size)
+        if cfg["depth"] % num_levels:
+            raise ValueError(f"depth {cfg['depth']} must divide by the number of MNG levels K={num_levels}")
         depth = cfg["depth"]
-        if depth % num_levels:
-            raise ValueError(f"depth {depth} must divide by the number of MNG levels K={num_levels}")
         self.size, self.patch, self.channels, self.input_size = size, patch, channels, input_size
         self.num_classes, self.z_dim, self.width, self.ckpt_blocks = num_classes, z_dim, C, ckpt_blocks
         self.class_embed = nn.Embedding(num_classes, z_dim)
@@ -377,9 +386,7 @@ class Generator(nn.Module):
         self.heads = nn.ModuleList(MNGHead(C, patch, channels) for _ in range(num_levels))
         self.head_after = [(k + 1) * (depth // num_levels) - 1 for k in range(num_levels)]  # block index
         add_pos_table(self, "tokens", C, grid, fixed_pos_embed)  # [1, T, C]: G's only input besides w
-        cos, sin = rope_2d(C // cfg["heads"], grid)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        add_rope_tables(self, C // cfg["heads"], grid)
         self.register_buffer("w_avg", torch.zeros(num_classes, C))  # per-class running mean of w
         self.w_avg_beta = 0.995
         xavier_init(self)
@@ -482,10 +489,7 @@ class Discriminator(nn.Module):
         self.repa_projector = nn.Sequential(nn.Linear(C, P), nn.SiLU(), nn.Linear(P, P), nn.SiLU(),
                                             nn.Linear(P, repa_dim)) if repa_dim else None
         add_pos_table(self, "pos", C, grid, fixed_pos_embed)  # [1, T, C]
-        cos, sin = rope_2d(C // cfg["heads"], grid)
-        # the [cls] token is not rotated: identity rotation (cos 1, sin 0) in front of the spatial ones
-        self.register_buffer("rope_cos", F.pad(cos, (0, 0, 1, 0), value=1.0), persistent=False)
-        self.register_buffer("rope_sin", F.pad(sin, (0, 0, 1, 0), value=0.0), persistent=False)
+        add_rope_tables(self, C // cfg["heads"], grid, prefix_tokens=1)  # [cls] first
         xavier_init(self)
         nn.init.normal_(self.class_embed.weight, std=0.02)
 
