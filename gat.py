@@ -185,15 +185,6 @@ def add_pos_table(module, name, width, grid, fixed):
         setattr(module, name, nn.Parameter(table))
 
 
-def add_rope_tables(module, head_dim, grid, prefix_tokens=0):
-    """rope_2d's tables as the module's rope_cos / rope_sin buffers, [prefix + T, head_dim] (not saved:
-    rebuilt from the shapes). Prefix tokens such as D's [cls] are not rotated: identity rotation (cos 1,
-    sin 0) in front of the spatial ones."""
-    cos, sin = rope_2d(head_dim, grid)
-    module.register_buffer("rope_cos", F.pad(cos, (0, 0, prefix_tokens, 0), value=1.0), persistent=False)
-    module.register_buffer("rope_sin", F.pad(sin, (0, 0, prefix_tokens, 0), value=0.0), persistent=False)
-
-
 def rope_2d(head_dim, grid, base=10000.0):
     """2D rotary embedding tables (cos, sin), each [T, head_dim]: the first half of a head's dims
     rotates with the token's row, the second half with its column, on interleaved pairs."""
@@ -205,43 +196,21 @@ def rope_2d(head_dim, grid, base=10000.0):
     return ang.cos(), ang.sin()
 
 
+def add_rope_tables(module, head_dim, grid, prefix_tokens=0):
+    """rope_2d's tables as the module's rope_cos / rope_sin buffers, [prefix + T, head_dim] (not saved:
+    rebuilt from the shapes). Prefix tokens such as D's [cls] are not rotated: identity rotation (cos 1,
+    sin 0) in front of the spatial ones."""
+    cos, sin = rope_2d(head_dim, grid)
+    module.register_buffer("rope_cos", F.pad(cos, (0, 0, prefix_tokens, 0), value=1.0), persistent=False)
+    module.register_buffer("rope_sin", F.pad(sin, (0, 0, prefix_tokens, 0), value=0.0), persistent=False)
+
+
 def apply_rope(x, cos, sin):
     """Rotates each pair (x[2i], x[2i+1]) of x [..., hd] by its token's angle; cos and sin broadcast to x
     (in Attention x is [B, T, H, hd] and they are [T, 1, hd])."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # x's shape
     return torch.addcmul(x * cos, rotated, sin)  # x cos + rotated sin
-
-
-def rms_norm(x, weight, eps=None):
-    """F.rms_norm over the last dim, with gradients through RMSNormSavingInput: autograd's own rms_norm
-    (composite on CPU) also saves the normalised tensor for the weight's gradient, one more [rows, T, C]
-    per norm (0.6 GB in D's 4B-row step at S/2 batch 8, fp32), and the memory estimate counts one graph
-    on every device."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return RMSNormSavingInput.apply(x, weight, eps)
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-
-class RMSNormSavingInput(torch.autograd.Function):
-    """Saves x and the weight; backward recomputes 1/rms (one reduction) and runs in fp32."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
-        return F.rms_norm(x, x.shape[-1:], weight, eps)  # inside forward: no graph, the fused kernel
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the kernel)
-        xf, gw = x.to(up), grad.to(up) * weight.to(up)
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
-        n = xf * rstd
-        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
-        dw = (grad.to(up) * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
 
 
 class Attention(nn.Module):
@@ -260,7 +229,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)  # 3 x [B, T, H, hd]
         cos, sin = (r[:, None] for r in rope)  # [T, 1, hd]: the same angles for every head
-        # the norms' weights cast to the activations' dtype keep bf16 autocast on the fused kernel
+        # rms_norm (§14): F.rms_norm that keeps only its input for backward; the norms' weights cast to
+        # the activations' dtype keep bf16 autocast on the fused kernel
         q = apply_rope(rms_norm(q, self.q_norm.weight.to(q.dtype)), cos, sin).to(v.dtype)
         k = apply_rope(rms_norm(k, self.k_norm.weight.to(k.dtype)), cos, sin).to(v.dtype)
         # heads as [B, H, T, hd] views of token-major tensors: the output comes back token-major, so the
@@ -280,26 +250,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)  # 2 x [B, T, hidden]
-        return self.w3(SiLUGate.apply(a, b))
-
-
-class SiLUGate(torch.autograd.Function):
-    """silu(a) * b, saving only a and b (views of w12's output, kept anyway) for backward, which
-    recomputes silu(a): autograd's own silu-then-mul also saves silu(a), a [rows, T, hidden] tensor per
-    block (in D's 4B-row step 0.4 GB at S/2 batch 8, fp32), for one cheap elementwise op."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return F.silu(a).mul_(b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a double backward (--exact-gp): silu_backward has no derivative
-            sig = torch.sigmoid(a)
-            return grad * b * sig * (1 + a * (1 - sig)), grad * a * sig
-        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
+        return self.w3(SiLUGate.apply(a, b))  # silu(a) * b, without keeping silu(a) for backward (§14)
 
 
 def xavier_init(module):
@@ -1606,6 +1557,59 @@ def model_flops(cfg, teacher=None):
                               extra=2 * teacher.patch_embed.num_patches * 3 * 14 * 14 * teacher.embed_dim)
     per_iter = g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa
     return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
+
+
+# Two ops of §2 through autograd Functions that save less than autograd's own graph would, at the
+# cost of a cheap recomputation in backward (SiLU; one reduction for 1/rms). They compute the same
+# function and gradients (test_gat.py checks both against autograd); the counts below assume them.
+def rms_norm(x, weight, eps=None):
+    """F.rms_norm over the last dim, with gradients through RMSNormSavingInput: autograd's own rms_norm
+    (composite on CPU) also saves the normalised tensor for the weight's gradient, one more [rows, T, C]
+    per norm (0.6 GB in D's 4B-row step at S/2 batch 8, fp32), and the memory estimate counts one graph
+    on every device."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormSavingInput.apply(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+class RMSNormSavingInput(torch.autograd.Function):
+    """Saves x and the weight; backward recomputes 1/rms (one reduction) and runs in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
+        return F.rms_norm(x, x.shape[-1:], weight, eps)  # inside forward: no graph, the fused kernel
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the kernel)
+        xf, gw = x.to(up), grad.to(up) * weight.to(up)
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
+        n = xf * rstd
+        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
+        dw = (grad.to(up) * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+
+
+class SiLUGate(torch.autograd.Function):
+    """silu(a) * b, saving only a and b (views of w12's output, kept anyway) for backward, which
+    recomputes silu(a): autograd's own silu-then-mul also saves silu(a), a [rows, T, hidden] tensor per
+    block (in D's 4B-row step 0.4 GB at S/2 batch 8, fp32), for one cheap elementwise op."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward (--exact-gp): silu_backward has no derivative
+            sig = torch.sigmoid(a)
+            return grad * b * sig * (1 + a * (1 - sig)), grad * a * sig
+        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
 
 
 # Activation memory. Bytes are counted from what each op saves for backward (verified op by op with

@@ -136,6 +136,33 @@ def test_sincos_and_rope_tables():
 # ================================================================================================
 # gat.py: MNG noise
 # ================================================================================================
+def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
+    # the memory-lean Functions of §14 must compute autograd's function and gradients, including the
+    # double backward that --exact-gp takes through D
+    torch.manual_seed(0)
+    a, b, x = (torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    w = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    for ours, ref, inputs in ((lambda: gat.SiLUGate.apply(a, b), lambda: F.silu(a) * b, (a, b)),
+                              (lambda: gat.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (16,), w, 1e-6), (x, w))):
+        out, out_ref = ours(), ref()
+        assert torch.allclose(out, out_ref)
+        g = torch.randn_like(out)
+        first = torch.autograd.grad(out, inputs, g, create_graph=True)
+        first_ref = torch.autograd.grad(out_ref, inputs, g, create_graph=True)
+        for u, v in zip(first, first_ref):
+            assert torch.allclose(u, v, atol=1e-10)
+        second = torch.autograd.grad(sum((u ** 2).sum() for u in first), inputs)
+        second_ref = torch.autograd.grad(sum((u ** 2).sum() for u in first_ref), inputs)
+        for u, v in zip(second, second_ref):
+            assert torch.allclose(u, v, atol=1e-8)
+    # bf16 input: the norm's backward runs in fp32 and returns bf16, close to autograd's in fp32
+    xb = x.detach().to(torch.bfloat16).requires_grad_()
+    gb, = torch.autograd.grad(gat.rms_norm(xb, w.detach().to(torch.bfloat16)).float().sum(), xb)
+    xf = xb.detach().float().requires_grad_()
+    gf, = torch.autograd.grad(F.rms_norm(xf, (16,), w.detach().to(torch.bfloat16).float()).sum(), xf)
+    assert gb.dtype == torch.bfloat16 and torch.allclose(gb.float(), gf, rtol=0.02, atol=0.02)
+
+
 def test_mng_levels():
     assert gat.mng_noise_levels(4) == pytest.approx([0.885, 0.76, 0.51, 0.01], abs=1e-12)
     assert gat.mng_noise_levels(1) == []
