@@ -133,9 +133,6 @@ def test_sincos_and_rope_tables():
     assert torch.allclose(qa[0] @ kb[5], qa[10] @ kb[15], atol=1e-5)  # (0,0)-(1,1) vs (2,2)-(3,3)
 
 
-# ================================================================================================
-# gat.py: MNG noise
-# ================================================================================================
 def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
     # the memory-lean Functions of §14 must compute autograd's function and gradients, including the
     # double backward that --exact-gp takes through D
@@ -163,6 +160,9 @@ def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
     assert gb.dtype == torch.bfloat16 and torch.allclose(gb.float(), gf, rtol=0.02, atol=0.02)
 
 
+# ================================================================================================
+# gat.py: MNG noise
+# ================================================================================================
 def test_mng_levels():
     assert gat.mng_noise_levels(4) == pytest.approx([0.885, 0.76, 0.51, 0.01], abs=1e-12)
     assert gat.mng_noise_levels(1) == []
