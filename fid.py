@@ -216,12 +216,13 @@ class InceptionV3FID(nn.Module):
 @contextlib.contextmanager
 def _ieee_fp32_convs():
     # restored on exit: a caller that allows TF32 for itself (gat.py's training loop) keeps its setting
-    saved = torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    # (allow_tf32: the flag every torch release has; 2.9's fp32_precision follows it)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.conv.fp32_precision = saved
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def spatial_features(x):

@@ -43,6 +43,10 @@ import types
 from dataclasses import dataclass
 
 import numpy as np
+
+# The D step's 4B rows and the G step's B rows alternate every iteration: growable segments let the CUDA
+# allocator reuse one step's memory for the other's shapes instead of fragmenting (read when CUDA starts)
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -821,9 +825,15 @@ def read_torch_file(path):
     argparse.Namespace (their "args"), allow-listed as plain data."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # memory-mapped: the tensors are read as they are copied to the models, and the ranks of a
+            # node share one copy in the page cache (not 8 x 15 GB of host memory at XL)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format: read whole
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch's are long
         raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {first}") from e
@@ -930,6 +940,16 @@ def config_from_authors(state, args=None):
                   data_kind="latent", vae=vae, data="")
 
 
+def seed_streams(seed, device):
+    """Seeds this process's own random streams: the CPU generator and, on a GPU, only this process's
+    device. (torch.manual_seed seeds every GPU's generator as well: called on every rank after the
+    per-rank seeding, it would give all ranks the same z, noise and augmentation.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def rng_state(device):
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -1014,19 +1034,20 @@ def sync_on_last(model, i, n):
 def d_step(models, opt_D, teacher, micro, cfg, autocast):
     """D's update over the step's micro-batches [(x_real, images, y, z)]: each loss scaled by 1/N so
     that the gradient and the logged values are the whole batch's means; one clip, one step."""
-    G, D, G_raw, D_raw, G_ema, D_frozen = models
     opt_D.zero_grad(set_to_none=True)
     loss_D, logs = 0, {}
     for i, (x_real, images, y, z) in enumerate(micro):
-        with sync_on_last(D, i, len(micro)), autocast:
-            with torch.no_grad():
-                fake = G_raw(z, y)[0]  # G's output is a constant for D
-            loss, parts = d_loss(D, fake, x_real, y, cfg, teacher, images)
+        # G's forward in an autocast block of its own: autocast caches the bf16 copies of weights that
+        # require grad, even under no_grad, until its block ends; here they are freed before D's backward
+        with torch.no_grad(), autocast:
+            fake = models.G_fakes(z, y)[0]  # G's output is a constant for D
+        with sync_on_last(models.D, i, len(micro)), autocast:
+            loss, parts = d_loss(models.D, fake, x_real, y, cfg, teacher, images)
             (loss / len(micro)).backward()
         loss_D = loss_D + loss.detach() / len(micro)
         for k, v in parts.items():
             logs[k] = logs.get(k, 0) + v.detach() / len(micro)
-    gn_D = nn.utils.clip_grad_norm_(D_raw.parameters(), cfg.grad_clip)
+    gn_D = nn.utils.clip_grad_norm_(models.D_raw.parameters(), cfg.grad_clip)
     opt_D.step()
     return dict(loss_D=loss_D, grad_norm_D=gn_D, **logs)
 
@@ -1034,37 +1055,33 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
 def g_step(models, opt_G, micro, cfg, autocast):
     """G's update over the same micro-batches (same reals, labels and z as the D step), D frozen so
     that its weight gradients are not computed. -> (logs, the step's w [b, C] for the class means)."""
-    G, D, G_raw, D_raw, G_ema, D_frozen = models
-    D_raw.requires_grad_(False)
+    models.D_raw.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
     loss_G, ws = 0, []
     for i, (x_real, images, y, z) in enumerate(micro):
-        with sync_on_last(G, i, len(micro)), autocast:
-            fake, w = G(z, y)
-            loss = g_loss(D_frozen, fake, x_real, y, cfg)
+        with sync_on_last(models.G, i, len(micro)), autocast:
+            fake, w = models.G(z, y)
+            loss = g_loss(models.D_frozen, fake, x_real, y, cfg)
             (loss / len(micro)).backward()
         loss_G = loss_G + loss.detach() / len(micro)
         ws.append(w.detach())
-    gn_G = nn.utils.clip_grad_norm_(G_raw.parameters(), cfg.grad_clip)
+    gn_G = nn.utils.clip_grad_norm_(models.G_raw.parameters(), cfg.grad_clip)
     opt_G.step()
-    D_raw.requires_grad_(True)
+    models.D_raw.requires_grad_(True)
     return dict(loss_G=loss_G, grad_norm_G=gn_G), torch.cat(ws)
 
 
 def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
     """One iteration: the D step, then the G step, each over cfg.grad_accum micro-batches of this rank's
-    batch. models: G and D as called in the D step (DDP / compiled wrappers), the plain modules G_raw
-    and D_raw, G_ema, and D_frozen, the (compiled) D that the G step calls outside DDP: D's weights
-    get no gradient there, so there is nothing to synchronise."""
-    G_raw, G_ema = models[2], models[4]
+    batch; then the class means of w and the EMA."""
     x_real, images, y = batch
     z = torch.randn(x_real.shape[0], cfg.z_dim, device=x_real.device)  # drawn once: the same z for any N
     n = cfg.grad_accum
     micro = list(zip(x_real.chunk(n), images.chunk(n) if images is not None else [None] * n, y.chunk(n), z.chunk(n)))
     logs = d_step(models, opt_D, teacher, micro, cfg, autocast)
     logs_G, w = g_step(models, opt_G, micro, cfg, autocast)
-    G_raw.update_class_means(w, y)  # once per step, over the whole batch
-    update_ema(G_ema, G_raw, cfg.ema_decay)
+    models.G_raw.update_class_means(w, y)  # once per step, over the whole batch
+    update_ema(models.G_ema, models.G_raw, cfg.ema_decay)
     return logs | logs_G
 
 
@@ -1111,8 +1128,9 @@ def lazy_vae(lazy, cfg, device):
 GRID_COLUMNS = {"latent": 8, "pixel": 10}
 
 
-def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device):
-    x = G_ema.generate(grid_z.to(device), grid_y.to(device), cfg.sample_truncation)
+def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device, autocast):
+    with autocast:  # the run's precision, as sample.py samples
+        x = G_ema.generate(grid_z.to(device), grid_y.to(device), cfg.sample_truncation)
     if cfg.data_kind == "latent":
         x = decode_latents(lazy_vae(lazy, cfg, device), x)
     save_grid(x, GRID_COLUMNS[cfg.data_kind], path)
@@ -1129,21 +1147,49 @@ def build_models(cfg, device, pretrained_teacher=True):
     return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
 
 
+@dataclass
+class Models:
+    """G and D as each step calls them, and the plain modules underneath (for the optimisers, the EMA
+    and checkpoints). G and D run with gradients to be synchronised (DDP); G_fakes (the D step's fakes,
+    no grad) and D_frozen (the G step's critic: weights frozen, only the gradient to its input) run
+    outside DDP, since they make no weight gradients to synchronise."""
+    G: nn.Module
+    D: nn.Module
+    G_fakes: nn.Module
+    D_frozen: nn.Module
+    G_raw: nn.Module
+    D_raw: nn.Module
+    G_ema: nn.Module
+
+
 def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
-    """DDP (several processes) and torch.compile around G and D -> (models for train_step, autocast)."""
-    G, D, D_frozen = G_raw, D_raw, D_raw
+    """DDP (several processes) and torch.compile around G and D -> (Models, autocast)."""
+    G, D = G_raw, D_raw
     if world > 1:
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+        # beside them (4 GiB at XL)
         ids = [device.index] if device.type == "cuda" else None
-        G = nn.parallel.DistributedDataParallel(G_raw, device_ids=ids, broadcast_buffers=False)
-        D = nn.parallel.DistributedDataParallel(D_raw, device_ids=ids, broadcast_buffers=False)
+        ddp = functools.partial(nn.parallel.DistributedDataParallel, device_ids=ids, broadcast_buffers=False,
+                                gradient_as_bucket_view=True)
+        G, D = ddp(G_raw), ddp(D_raw)
+    models = Models(G=G, D=D, G_fakes=G_raw, D_frozen=D_raw, G_raw=G_raw, D_raw=D_raw, G_ema=G_ema)
     if cfg.compile:
-        G, D, D_frozen = torch.compile(G), torch.compile(D), torch.compile(D_raw)
+        # dynamic=False: each call site keeps its own static graphs (D sees 4B rows in the D step and B
+        # in the G step; a shared cache would recompile both with a symbolic batch)
+        compile_ = functools.partial(torch.compile, dynamic=False)
+        models.G, models.D, models.G_fakes, models.D_frozen = map(compile_, (G, D, G_raw, D_raw))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
-    return (G, D, G_raw, D_raw, G_ema, D_frozen), autocast
+    return models, autocast
 
 
 def use_bf16(cfg, device):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+def set_tf32(allowed):
+    """TF32 (a 10-bit mantissa) for the fp32 matmuls and convolutions left outside bf16 autocast, where
+    the run is bf16 anyway; --precision fp32 is then IEEE fp32, as asked."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
 
 
 def progress_bar(cfg, step, master):
@@ -1182,15 +1228,16 @@ def open_run(cfg):
     r.rank, r.world, r.device = setup_distributed(cfg)
     r.master = r.rank == 0
     tune_cpu_malloc(r.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(use_bf16(cfg, r.device))
     r.data = prepare_data(cfg)
     check_batch_size(cfg, len(r.data["x"]) if cfg.data_kind == "pixel" else len(r.data["index"]), r.world)
     r.run_dir = os.path.join(cfg.results, cfg.run)
     r.ckpt_dir = os.path.join(r.run_dir, "checkpoints")
-    resume_path = (os.path.join(r.ckpt_dir, "latest.pt") if cfg.resume == "auto" else
-                   None if cfg.resume == "none" else cfg.resume)
-    ckpt = None
-    if resume_path and (cfg.resume != "auto" or os.path.isfile(resume_path)):
+    resume_path, ckpt = find_resume(cfg, r.ckpt_dir, r.world), None
+    if cfg.repa_weight > 0 and cfg.data_kind == "latent":
+        import timm  # noqa: F401 (the teacher's library is part of the runtime measured next)
+    outside = memory_outside_tensors(r.device, r.world)  # after NCCL's start (find_resume), before any model
+    if resume_path:
         ckpt = load_checkpoint(resume_path)  # read and checked before anything is written
         check_compatible(ckpt["config"], cfg, resume_path)
     if r.master:
@@ -1198,13 +1245,13 @@ def open_run(cfg):
         with open(os.path.join(r.run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg) | {"world_size": r.world}, f, indent=2)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    torch.default_generator.manual_seed(cfg.seed)  # identical initial weights on every rank (built on the CPU)
     r.G_raw, r.D_raw, r.G_ema, r.teacher = build_models(cfg, r.device)
     r.opt_G, r.opt_D = make_optimizer(r.G_raw, cfg), make_optimizer(r.D_raw, cfg)
     r.step = restore(r, ckpt, resume_path) if ckpt else 0
     if not ckpt:
-        torch.manual_seed(cfg.seed * 1000 + r.rank + 1)  # each rank its own augmentation and noise
-    r.memory_line = setup_recompute(cfg, r.G_raw, r.D_raw, r.teacher, r.device, r.world)
+        seed_streams(cfg.seed * 1000 + r.rank + 1, r.device)  # each rank its own z, augmentation and noise
+    r.memory_line, _ = setup_recompute(cfg, r.G_raw, r.D_raw, r.teacher, r.device, r.world, outside)
     r.models, r.autocast = wrap_models(r.G_raw, r.D_raw, r.G_ema, cfg, r.world, r.device)
     r.lazy = {}  # models loaded on first use: the VAE, the Inception network and FID reference stats
     if r.master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
@@ -1215,12 +1262,32 @@ def open_run(cfg):
     grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
     r.grid_y = torch.tensor(grid_classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
     r.grid_z = torch.randn(len(r.grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
-    with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's random stream nor depends on it
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's CPU stream nor depends on it
+        torch.default_generator.manual_seed(0)  # the CPU's only: fork_rng(devices=[]) restores no GPU stream
         r.judge = DigitsJudge(r.data, r.device) if cfg.data_kind == "pixel" else None
     r.log_file = open(os.path.join(r.run_dir, "metrics.jsonl"), "a") if r.master else None
     r.wb = start_wandb(cfg, r.run_dir, r.world) if r.master and cfg.wandb else None
     return r
+
+
+def find_resume(cfg, ckpt_dir, world):
+    """The checkpoint this run resumes from, or None. Rank 0 decides, from its own disk, and every rank
+    must then see that file: a rank that decided alone (a node without the checkpoint) would start at
+    step 0 beside resumed ones, and the job would hang in mismatched collectives."""
+    path = {"auto": os.path.join(ckpt_dir, "latest.pt"), "none": None}.get(cfg.resume, cfg.resume)
+    if cfg.resume == "auto" and not os.path.isfile(path):
+        path = None
+    if world > 1:
+        decided = [path]
+        dist.broadcast_object_list(decided, src=0)
+        path, seen = decided[0], [None] * world
+        dist.all_gather_object(seen, path is None or os.path.isfile(path))
+        if not all(seen):
+            blind = [rank for rank, ok in enumerate(seen) if not ok]
+            raise UserError(f"rank 0 resumes from '{path}', which rank(s) {blind} cannot see: --results must be a "
+                            "folder shared by all nodes (a network file system), or copy the run's checkpoints/ "
+                            "to every node before resuming")
+    return path
 
 
 def restore(r, ckpt, path):
@@ -1230,7 +1297,7 @@ def restore(r, ckpt, path):
     if len(ckpt["rng"]) == r.world:
         set_rng_state(ckpt["rng"][r.rank], r.device)
     else:  # a different world size cannot continue the same random streams
-        torch.manual_seed(r.cfg.seed + 1000 * ckpt["step"] + r.rank)
+        seed_streams(r.cfg.seed + 1000 * ckpt["step"] + r.rank, r.device)
     if r.master:
         print(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
@@ -1292,12 +1359,14 @@ def evaluate_and_log(r, metrics, bar):
     if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
         if r.master:
             grid_path = os.path.join(r.run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
-            write_sample_grid(r.G_ema, cfg, r.grid_z, r.grid_y, grid_path, r.lazy, r.device)
+            write_sample_grid(r.G_ema, cfg, r.grid_z, r.grid_y, grid_path, r.lazy, r.device, r.autocast)
             wb_images = {"samples": r.wb.Image(grid_path)} if r.wb else {}
         if r.judge is not None:
             metrics.update(r.judge.evaluate(r.G_ema))
     if cfg.fid_every and step % cfg.fid_every == 0:
-        metrics["fid"] = training_fid(r.G_ema, cfg, r.rank, r.world, r.device, r.lazy)
+        fid_value = training_fid(r.G_ema, cfg, r.rank, r.world, r.device, r.lazy, r.autocast)
+        if r.master:
+            metrics["fid"] = fid_value
     if r.master:
         r.log_file.write(json.dumps(metrics) + "\n")
         r.log_file.flush()
@@ -1325,7 +1394,8 @@ def finish_run(r, stop_reason, t_start):
         print(f"stopped at step {r.step} ({stop_reason or 'done'}); checkpoint {os.path.join(r.ckpt_dir, 'latest.pt')}")
     if r.judge is not None and r.master:
         summary = r.judge.evaluate(r.G_ema, final=True)
-        write_sample_grid(r.G_ema, r.cfg, r.grid_z, r.grid_y, os.path.join(r.run_dir, "digits_grid.png"), r.lazy, r.device)
+        write_sample_grid(r.G_ema, r.cfg, r.grid_z, r.grid_y, os.path.join(r.run_dir, "digits_grid.png"), r.lazy, r.device,
+                          r.autocast)
         print(r.judge.report(summary, r.step, (time.time() - t_start) / 60))
         with open(os.path.join(r.run_dir, "demo_summary.json"), "w") as f:
             json.dump(summary | {"step": r.step, "minutes": (time.time() - t_start) / 60}, f, indent=2)
@@ -1496,7 +1566,9 @@ class DigitsJudge:
 # against FID-50K: use it for trends, not for comparison with papers.
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def training_fid(G_ema, cfg, rank, world, device, lazy, batch=50):
+def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
+    """-> the FID on rank 0 (the others return None: the statistics and the 2048x2048 matrix square root
+    are computed once, not on every rank)."""
     import fid
     if "inception" not in lazy:
         lazy["inception"] = fid.load_inception(cfg.fid_inception or None, device=device)
@@ -1507,13 +1579,17 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, batch=50):
     lo, hi = rank * cfg.fid_num // world, (rank + 1) * cfg.fid_num // world
     feats = []
     for i in range(lo, hi, batch):
-        x = G_ema.generate(z[i:min(i + batch, hi)].to(device), y[i:min(i + batch, hi)].to(device))
+        with autocast:  # the run's precision, as sample.py samples: the two FIDs of a checkpoint agree
+            x = G_ema.generate(z[i:min(i + batch, hi)].to(device), y[i:min(i + batch, hi)].to(device))
         if cfg.data_kind == "latent":
             x = decode_latents(lazy_vae(lazy, cfg, device), x)
         x = x.expand(-1, 3, -1, -1)  # grey digits -> RGB
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # [b, H, W, 3]
         feats.append(lazy["inception"](images)["pool"])
-    mu, sigma = fid.stats_from_features(fid.all_gather_rows(torch.cat(feats)))
+    feats = fid.all_gather_rows(torch.cat(feats))
+    if rank != 0:
+        return None
+    mu, sigma = fid.stats_from_features(feats)
     ref = lazy["fid_ref"]
     return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
 
@@ -1714,29 +1790,64 @@ def parse_grad_ckpt(value, depth):
     raise UserError(f"--grad-ckpt {value!r}: expected auto, off, all or a number of blocks 0..{depth} per model")
 
 
-def memory_budget(device, resident):
-    """(bytes one process may plan for, how they were found). CUDA: 90% of the device's total memory
-    less 2 GiB (context, NCCL buffers, allocator slack); the total, not the free memory, so that every
-    rank of a job decides alike. CPU: 90% of MemAvailable shared by this host's processes, plus what
-    the models already hold (it is no longer available)."""
+# What the allocator holds beyond the step's live tensors (the weights, gradients and AdamW state are
+# allocated once and stay): on a CPU the freed blocks glibc keeps for reuse (tune_cpu_malloc) and their
+# fragmentation; on a GPU the caching allocator's reserved beyond allocated. test_gat.py holds the device
+# figure within 15% of the peak RSS here and of the reserved memory on a GPU.
+ALLOCATOR_SLACK = {"cuda": 0.15, "cpu": 0.60}
+
+
+def memory_outside_tensors(device, world):
+    """Bytes this process holds before its tensors, measured at the start of a run: on a GPU the CUDA
+    context, NCCL's buffers, and other processes' memory on the device (its used memory less what
+    torch has reserved); on a CPU the process's resident runtime (Python, torch and its libraries).
+    The ranks' largest figure, so that every rank decides alike."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        held = total - free - torch.cuda.memory_reserved(device)
+    else:
+        with open("/proc/self/status") as f:
+            held = 1024 * int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+    if world > 1:
+        held = torch.tensor(float(held), device=device)
+        dist.all_reduce(held, op=dist.ReduceOp.MAX)
+        held = held.item()
+    return held
+
+
+def device_figure(est, outside, device):
+    """The estimate as the device sees it: what it holds outside the tensors, the persistent tensors,
+    and the step's tensors with the allocator's slack on them (free blocks it keeps, fragmentation
+    between the 4B-row D step and the B-row G step)."""
+    step = est["peak"] - est["persistent"]
+    return outside + est["persistent"] + step * (1 + ALLOCATOR_SLACK[device.type])
+
+
+def memory_budget(device, outside):
+    """(bytes the device figure may reach, how they were found). CUDA: 95% of the device's total (the
+    total, not the free memory, so that every rank decides alike; what is held outside the tensors is
+    in the device figure). CPU: 90% of MemAvailable shared by this host's processes, plus what this
+    process held when it was measured (no longer available)."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        return 0.9 * total - 2 * 2**30, f"90% of {device}'s {total / 2**30:.1f} GiB less 2 GiB"
+        return 0.95 * total, f"95% of {device}'s {total / 2**30:.1f} GiB"
     with open("/proc/meminfo") as f:
         avail = 1024 * int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return 0.9 * avail / local + resident, f"90% of the host's {avail / 2**30:.1f} GiB available" + (f" / {local} processes" if local > 1 else "")
+    return 0.9 * avail / local + outside, f"90% of the host's {avail / 2**30:.1f} GiB available" + (f" / {local} processes" if local > 1 else "")
 
 
-def choose_recompute(cfg, G, D, teacher, rows, bf16, budget):
-    """(blocks recomputed in D, in G), estimate. auto: the fewest that fit the budget, D's first (its
-    4B rows make the D step the peak), then G's; everything if even that does not fit."""
+def choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device):
+    """(blocks recomputed in D, in G), estimate. auto: the fewest for the device figure to fit the
+    budget, D's first (its 4B rows make the D step the peak), then G's; everything if even that does
+    not fit."""
     depth = MODEL_SIZES[cfg.size]["depth"]
     n = parse_grad_ckpt(cfg.grad_ckpt, depth)
     options = [(n, n)] if n is not None else [(d, 0) for d in range(depth + 1)] + [(depth, g) for g in range(1, depth + 1)]
     for ckpt in options:
         est = memory_estimate(cfg, G, D, rows, ckpt, bf16, not cfg.exact_gp, teacher)
-        if est["peak"] <= budget:
+        est["device"] = device_figure(est, outside, device)
+        if est["device"] <= budget:
             break
     return ckpt, est
 
@@ -1746,20 +1857,23 @@ def per_rank_rows(cfg, world):
     return cfg.batch_size // (world * cfg.grad_accum)
 
 
-def setup_recompute(cfg, G, D, teacher, device, world):
-    """Chooses and sets the blocks G and D recompute; returns the line that says what and why."""
+def setup_recompute(cfg, G, D, teacher, device, world, outside):
+    """Chooses and sets the blocks G and D recompute -> (the line that says what and why, estimate).
+    outside: memory_outside_tensors, measured before the models were built."""
     bf16, rows = use_bf16(cfg, device), per_rank_rows(cfg, world)
-    resident = memory_estimate(cfg, G, D, rows, teacher=teacher)["resident"]
-    budget, how = memory_budget(device, resident)
-    (nd, ng), est = choose_recompute(cfg, G, D, teacher, rows, bf16, budget)
+    budget, how = memory_budget(device, outside)
+    (nd, ng), est = choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device)
     D.ckpt_blocks, G.ckpt_blocks = nd, ng
     gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
-    why = (f"the fewest (D's first) for the estimate to fit {gib(budget)} ({how})" if est["peak"] <= budget else
-           f"and the estimate still exceeds {gib(budget)} ({how}): lower --batch-size") if cfg.grad_ckpt == "auto" else "as asked"
-    return (f"memory: estimated peak {gib(est['peak'])} per process at {rows} rows ({'bf16' if bf16 else 'fp32'}): "
-            f"weights, gradients, AdamW, EMA, teacher {gib(est['persistent'])}; saved for backward: D step "
-            f"{gib(est['d_step'])}, G step {gib(est['g_step'])}. --grad-ckpt {cfg.grad_ckpt}: recomputes "
+    why = (f"the fewest (D's first) for it to fit {gib(budget)} ({how})" if est["device"] <= budget else
+           f"and it still exceeds {gib(budget)} ({how}): lower --batch-size") if cfg.grad_ckpt == "auto" else "as asked"
+    line = (f"memory: estimated peak {gib(est['device'])} per process at {rows} rows ({'bf16' if bf16 else 'fp32'}): "
+            f"{gib(outside)} held before the run ({'CUDA context, NCCL' if device.type == 'cuda' else 'runtime'}); "
+            f"tensors {gib(est['peak'])} (weights, gradients, AdamW, EMA, teacher {gib(est['persistent'])}; saved "
+            f"for backward: D step {gib(est['d_step'])}, G step {gib(est['g_step'])}) + "
+            f"{ALLOCATOR_SLACK[device.type]:.0%} allocator slack on the step's. --grad-ckpt {cfg.grad_ckpt}: recomputes "
             f"{nd}/{est['depth']} D blocks and {ng}/{est['depth']} G blocks, {why}")
+    return line, est
 
 
 def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
@@ -1870,14 +1984,17 @@ def benchmark(cfg, warmup=None, iters=None):
     warmup, iters = warmup or 3, iters or (10 if device.type == "cuda" else 3)
     check_batch_size(cfg, None, 1)
     tune_cpu_malloc(device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_tf32(use_bf16(cfg, device))
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     # a CPU's peak is measured before and after the run and the higher one kept: a shared machine (or
     # compile workers) can depress one measurement, and a low peak would flatter the MFU
     cpu_peak = cpu_matmul_peak() if device.type == "cpu" else 0.0
-    torch.manual_seed(cfg.seed)
+    if cfg.repa_weight > 0:
+        import timm  # noqa: F401 (the teacher's library is part of the runtime measured next)
+    outside = memory_outside_tensors(device, 1)
+    seed_streams(cfg.seed, device)
     G_raw, D_raw, G_ema, teacher = build_models(cfg, device, pretrained_teacher=False)  # random weights: same speed
-    memory_line = setup_recompute(cfg, G_raw, D_raw, teacher, device, 1)
+    memory_line, est = setup_recompute(cfg, G_raw, D_raw, teacher, device, 1, outside)
     opt_G, opt_D = make_optimizer(G_raw, cfg), make_optimizer(D_raw, cfg)
     models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, 1, device)
     b = cfg.batch_size
@@ -1898,21 +2015,25 @@ def benchmark(cfg, warmup=None, iters=None):
     host_syncs = count_host_syncs(lambda: train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast), device)
     flops = model_flops(cfg, teacher)
     achieved = flops["per_iteration"] * b / dt
+    # measured as the estimate counts: the device's whole use (GPU: the allocator's reserved memory plus
+    # what was held outside it at the start; CPU: the process's peak RSS) and, on a GPU, the tensors'
     if device.type == "cuda":
         peak, peak_what = gpu_peak_flops(device)
-        mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB GPU"
+        tensors, device_held = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device) + outside
+        mem = f"{device_held / 2**30:.1f} GiB on the GPU (tensors {tensors / 2**30:.1f} GiB)"
     else:
         import resource
+        tensors, device_held = None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         peak = max(cpu_peak, cpu_matmul_peak())
         peak_what = f"fp32 matmul peak measured in this run on {torch.get_num_threads()} CPU threads: {peak / 1e9:.1f} GFLOP/s"
-        mem = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB RSS"
+        mem = f"{device_held / 2**30:.1f} GiB RSS"
     result = dict(size=cfg.size, patch=cfg.patch, batch=b, device=str(device), compile=cfg.compile,
                   precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
                   ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops["per_iteration"] * b / 1e9,
                   achieved_tflops=achieved / 1e12, mfu=achieved / peak, peak=peak_what, peak_memory=mem,
                   host_syncs_per_step=host_syncs, recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
-                  estimated_peak_gib=memory_estimate(cfg, G_raw, D_raw, b, (D_raw.ckpt_blocks, G_raw.ckpt_blocks),
-                                                     use_bf16(cfg, device), not cfg.exact_gp, teacher)["peak"] / 2**30)
+                  estimated_device_gib=est["device"] / 2**30, measured_device_gib=device_held / 2**30,
+                  estimated_tensors_gib=est["peak"] / 2**30, measured_tensors_gib=tensors and tensors / 2**30)
     if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
         result["loader_images_per_s"] = loader_rate(cfg, device)
     result |= sampling_rates(G_ema, cfg, device, autocast, b, iters)

@@ -312,7 +312,7 @@ def main(argv=None):
     try:
         validate_args(args)
         rank, world, device = gat.setup_distributed(args)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as in training (open_run)
+        gat.set_tf32(device.type == "cuda")  # as in training: TF32 where the sampling is bf16 anyway
         G, cfg, vae = load_model(args, device)
         if args.grid or args.interpolate:
             if rank == 0:  # small jobs: one process does them
