@@ -100,7 +100,7 @@ class Config:
     steps: int = 400_000                # iterations (one D step + one G step each)
     # run
     results: str = "results"            # runs live in results/<run>/
-    run: str = ""                       # run name; default from size, patch and data
+    name: str = ""                      # the run's name (results/<name>/); default from size, patch and data
     resume: str = "auto"                # "auto" (the run's latest.pt if any), "none", or a path
     seed: int = 0
     log_every: int = 10                 # host syncs (loss.item, NaN check, stop signal) only here; >= 1
@@ -847,10 +847,12 @@ def load_checkpoint(path):
 
 
 def upgrade_checkpoint(ckpt):
-    """Checkpoints written before the position tables were trained have no fixed_pos_embed in their
-    config: they were trained with fixed tables, so they resume and load as that ablation."""
+    """Older checkpoints' configs: without fixed_pos_embed they were trained with fixed position tables,
+    so they resume and load as that ablation; the run's name was stored as "run"."""
     if isinstance(ckpt.get("config"), dict):
         ckpt["config"].setdefault("fixed_pos_embed", True)
+        if "run" in ckpt["config"]:  # the run's name, renamed: torchrun (Python 3.11) refuses --run as ambiguous
+            ckpt["config"]["name"] = ckpt["config"].pop("run")
     return ckpt
 
 
@@ -861,7 +863,7 @@ def check_compatible(ckpt_cfg, cfg, path):
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"checkpoint '{path}' does not match this run ({what}). Use the same "
-                              "--size/--patch/--data, or another --run to start fresh.")
+                              "--size/--patch/--data, or another --name to start fresh.")
 
 
 def build_generator(cfg):
@@ -1002,7 +1004,7 @@ def prepare_data(cfg):
         cfg.channels, cfg.input_size, cfg.data_kind = 4, data["moments"].shape[-1], "latent"
         cfg.vae = cfg.vae or data["manifest"].get("vae", "stabilityai/sd-vae-ft-ema")
     cfg.num_classes = data["num_classes"]
-    cfg.run = cfg.run or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
+    cfg.name = cfg.name or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
     return data
 
 
@@ -1231,7 +1233,7 @@ def open_run(cfg):
     set_tf32(use_bf16(cfg, r.device))
     r.data = prepare_data(cfg)
     check_batch_size(cfg, len(r.data["x"]) if cfg.data_kind == "pixel" else len(r.data["index"]), r.world)
-    r.run_dir = os.path.join(cfg.results, cfg.run)
+    r.run_dir = os.path.join(cfg.results, cfg.name)
     r.ckpt_dir = os.path.join(r.run_dir, "checkpoints")
     resume_path, ckpt = find_resume(cfg, r.ckpt_dir, r.world), None
     if cfg.repa_weight > 0 and cfg.data_kind == "latent":

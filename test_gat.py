@@ -444,7 +444,7 @@ def test_import_has_no_side_effects():
 # ================================================================================================
 def digits_cfg(tmp_path, run="r", **overrides):
     cfg = gat.Config(**gat.DIGITS_PRESET)
-    settings = dict(data="digits", results=str(tmp_path), run=run, batch_size=8, max_minutes=0.0, sample_every=0,
+    settings = dict(data="digits", results=str(tmp_path), name=run, batch_size=8, max_minutes=0.0, sample_every=0,
                     log_every=2, ckpt_every=3, steps=6)
     for k, v in (settings | overrides).items():
         setattr(cfg, k, v)
@@ -501,9 +501,10 @@ def test_checkpoints_from_before_trained_tables_load_and_resume_as_fixed_tables(
     path = os.path.join(tmp_path, "old", "checkpoints", "latest.pt")
     ckpt = torch.load(path, weights_only=True)
     del ckpt["config"]["fixed_pos_embed"]  # as written by the code of the fixed tables
+    ckpt["config"]["run"] = ckpt["config"].pop("name")  # and of --run (now --name)
     torch.save(ckpt, path)
     G, cfg = gat.load_generator(path)
-    assert cfg.fixed_pos_embed and "tokens" not in dict(G.named_parameters())
+    assert cfg.fixed_pos_embed and "tokens" not in dict(G.named_parameters()) and cfg.name == "old"
     gat.train(digits_cfg(tmp_path, "old", steps=3, fixed_pos_embed=True))  # resumes, no mismatch
     assert ckpt_of(tmp_path, "old")["step"] == 3
 
@@ -595,7 +596,7 @@ def test_trains_on_latent_dataset_with_repa_and_workers(tmp_path, monkeypatch):
     write_fake_latents(tmp_path / "lat")
     teacher = tiny_teacher()
     monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True: teacher)
-    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), run="lat", batch_size=4,
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), name="lat", batch_size=4,
                      num_workers=1, steps=3, log_every=1, ckpt_every=3, sample_every=0, snapshot_every=3,
                      vae=tiny_vae(tmp_path / "vae"))
     gat.train(cfg)
@@ -610,7 +611,7 @@ def test_trains_on_latent_dataset_with_repa_and_workers(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
 def test_missing_vae_fails_at_start_not_at_the_first_grid(tmp_path):
     write_fake_latents(tmp_path / "lat")  # its manifest names the VAE "none"
-    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), run="v", batch_size=4,
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), name="v", batch_size=4,
                      num_workers=0, steps=2, repa_weight=0.0)
     with pytest.raises(ValueError, match="cannot load the VAE 'none'.*--vae DIR"):
         gat.train(cfg)
@@ -699,7 +700,7 @@ if rank == 0:
     torch.save(saved, out)
 if world > 1 and (len(sys.argv) < 4 or sys.argv[3] != "step-only"):
     tcfg = gat.Config(**gat.DIGITS_PRESET)
-    tcfg.results, tcfg.run, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
+    tcfg.results, tcfg.name, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
     tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
     try:
         gat.train(tcfg)
@@ -952,9 +953,11 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             if p.grad is not None:
                 assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-8), name
-            # Adam's first step is ~lr * sign(grad): rounding in gradients near its eps (1e-8) moves a
-            # weight by a fraction of lr (~2e-3 here)
-            assert torch.allclose(p, q, rtol=0, atol=1e-4), name
+            # Adam's first step is lr * g / (|g| + eps): where |g| is near its eps (1e-8), rounding can flip
+            # the sign of g and move the weight by up to 2 lr (lr 2.4e-3 here); elsewhere the steps agree
+            clear = p.grad.abs() > 1e-6 if p.grad is not None else torch.ones_like(p, dtype=torch.bool)
+            assert torch.allclose(p[clear], q[clear], rtol=0, atol=1e-4), name
+            assert torch.allclose(p, q, rtol=0, atol=2 * 2.4e-3 + 1e-6), name
     assert G1.w_avg[1].abs().sum() > 0 and torch.allclose(G1.w_avg, G2.w_avg, atol=1e-6)
     for p, q in zip(E1.parameters(), E2.parameters()):
         assert torch.allclose(p, q, rtol=0, atol=1e-6)  # the EMA moves 0.1% of the way
@@ -1324,10 +1327,11 @@ def test_grids_and_training_fid_sample_in_the_runs_precision_and_rank_0_alone_ta
     assert seen and all(seen)
 
 
-def run_two_nodes(tmp_path, node_args, deadline_s=240):
+def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
     """Two torchrun agents on this machine as two nodes of one process each (c10d rendezvous on
-    loopback), each running node_args[i] -> (return codes, logs). Each node's output to a file (a pipe
-    left unread can block its writer), one deadline for both; a node still running then is killed."""
+    loopback), each running node_args[i] in cwds[i] -> (return codes, logs). Each node's output to a
+    file (a pipe left unread can block its writer), one deadline for both; a node still running then
+    is killed."""
     import socket
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
@@ -1337,7 +1341,7 @@ def run_two_nodes(tmp_path, node_args, deadline_s=240):
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gat-test",
                                "--local-addr=127.0.0.1", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                              text=True, env=env, cwd=HERE) for log, args in zip(logs, node_args)]
+                              text=True, env=env, cwd=cwd) for log, args, cwd in zip(logs, node_args, cwds)]
     deadline = time.time() + deadline_s
     try:
         while time.time() < deadline and any(node.poll() is None for node in nodes):
@@ -1350,25 +1354,29 @@ def run_two_nodes(tmp_path, node_args, deadline_s=240):
 
 
 def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clearly(tmp_path):
-    """Each node with its own results folder (node-local disks): node 0 holds latest.pt after a first
-    run, node 1 nothing. Deciding alone, node 1 would start at step 0 beside a resumed node 0 and hang
-    in mismatched collectives; rank 0 decides for all, so both nodes stop at once with one error line
-    that says what to share. With one shared folder the resume goes through on both."""
-    run = lambda results, steps: ["gat.py", "--data", "digits", "--results", str(results), "--run", "r",
-                                  "--batch-size", "8", "--steps", str(steps), "--max-minutes", "0", "--log-every", "1",
-                                  "--sample-every", "0", "--ckpt-every", "2"]
-    codes, logs = run_two_nodes(tmp_path, [run(tmp_path / "node0", 2), run(tmp_path / "node1", 2)])
+    """Each node with its own results folder (node-local disks: the same relative path --results
+    results in another folder per node): node 0 holds latest.pt after a first run, node 1 nothing.
+    Deciding alone, node 1 would start at step 0 beside a resumed node 0 and hang in mismatched
+    collectives; rank 0 decides for all, so both nodes stop at once with one error line that says what
+    to share. With one shared folder the resume goes through on both."""
+    run = lambda steps: [os.path.join(HERE, "gat.py"), "--data", "digits", "--results", "results", "--name", "r",
+                         "--batch-size", "8", "--steps", str(steps), "--max-minutes", "0", "--log-every", "1",
+                         "--sample-every", "0", "--ckpt-every", "2"]
+    disks = [tmp_path / "node0", tmp_path / "node1"]
+    for disk in disks:
+        disk.mkdir()
+    codes, logs = run_two_nodes(tmp_path, [run(2), run(2)], cwds=disks)
     assert codes == [0, 0], "\n".join(logs)
-    assert os.path.isfile(tmp_path / "node0/r/checkpoints/latest.pt") and not os.path.exists(tmp_path / "node1/r/checkpoints/latest.pt")
-    codes, logs = run_two_nodes(tmp_path, [run(tmp_path / "node0", 4), run(tmp_path / "node1", 4)], deadline_s=120)
+    assert os.path.isfile(disks[0] / "results/r/checkpoints/latest.pt") and not os.path.exists(disks[1] / "results/r/checkpoints")
+    codes, logs = run_two_nodes(tmp_path, [run(4), run(4)], deadline_s=120, cwds=disks)
     assert codes == [1, 1], "\n".join(logs)
     for log in logs:
         assert "error: rank 0 resumes from" in log and "which rank(s) [1] cannot see: --results must be a folder shared" in log
-        assert "Traceback" not in log
-    assert ckpt_of(tmp_path / "node0")["step"] == 2  # nothing lost
-    codes, logs = run_two_nodes(tmp_path, [run(tmp_path / "node0", 4)] * 2)
-    assert codes == [0, 0] and "resumed from" in logs[0] and ckpt_of(tmp_path / "node0")["step"] == 4, "\n".join(logs)
-    rngs = ckpt_of(tmp_path / "node0")["rng"]
+        assert 'gat.py", line' not in log  # no traceback of ours (torchrun's agent prints its own)
+    assert ckpt_of(disks[0] / "results")["step"] == 2  # nothing lost
+    codes, logs = run_two_nodes(tmp_path, [run(4), run(4)], cwds=[disks[0]] * 2)  # one shared folder
+    assert codes == [0, 0] and "resumed from" in logs[0] and ckpt_of(disks[0] / "results")["step"] == 4, "\n".join(logs)
+    rngs = ckpt_of(disks[0] / "results")["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])  # each rank its own stream
 
 
@@ -1389,7 +1397,7 @@ torch.use_deterministic_algorithms(True, warn_only=True)  # a resume compared bi
 os.environ["LOCAL_RANK"] = "0"  # both processes on the one GPU, so NCCL (one rank per device) is out:
 dist.init_process_group("gloo")  # gloo, which moves CUDA tensors too
 cfg = gat.Config(**gat.DIGITS_PRESET)
-settings = dict(results=sys.argv[2], run=sys.argv[3], steps=int(sys.argv[4]), device="cuda", batch_size=8,
+settings = dict(results=sys.argv[2], name=sys.argv[3], steps=int(sys.argv[4]), device="cuda", batch_size=8,
                 max_minutes=0.0, sample_every=0, log_every=1, ckpt_every=2)
 for k, v in settings.items():
     setattr(cfg, k, v)
@@ -1635,7 +1643,7 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
 def test_prep_output_trains_a_gat_step(_prep_reference, _prep_vae, tmp_path, monkeypatch):
     teacher = tiny_teacher()
     monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True: teacher)
-    cfg = gat.Config(size="tiny", data=str(_prep_reference), results=str(tmp_path), run="p", batch_size=4,
+    cfg = gat.Config(size="tiny", data=str(_prep_reference), results=str(tmp_path), name="p", batch_size=4,
                      num_workers=0, steps=1, sample_every=0)
     gat.train(cfg)  # 32-px crops -> 4x4 latents, REPA on the crops, the grid decoded by the manifest's VAE
     ckpt = ckpt_of(tmp_path, "p")
