@@ -1808,13 +1808,19 @@ def memory_outside_tensors(device, world):
         free, total = torch.cuda.mem_get_info(device)
         held = total - free - torch.cuda.memory_reserved(device)
     else:
-        with open("/proc/self/status") as f:
-            held = 1024 * int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1))
+        held = process_memory("VmRSS")
     if world > 1:
         held = torch.tensor(float(held), device=device)
         dist.all_reduce(held, op=dist.ReduceOp.MAX)
         held = held.item()
     return held
+
+
+def process_memory(key):
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes. (getrusage's
+    ru_maxrss would also count a parent's memory at the fork that started this process.)"""
+    with open("/proc/self/status") as f:
+        return 1024 * int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1))
 
 
 def device_figure(est, outside, device):
@@ -2024,8 +2030,7 @@ def benchmark(cfg, warmup=None, iters=None):
         tensors, device_held = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device) + outside
         mem = f"{device_held / 2**30:.1f} GiB on the GPU (tensors {tensors / 2**30:.1f} GiB)"
     else:
-        import resource
-        tensors, device_held = None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        tensors, device_held = None, process_memory("VmHWM")
         peak = max(cpu_peak, cpu_matmul_peak())
         peak_what = f"fp32 matmul peak measured in this run on {torch.get_num_threads()} CPU threads: {peak / 1e9:.1f} GFLOP/s"
         mem = f"{device_held / 2**30:.1f} GiB RSS"

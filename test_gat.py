@@ -547,7 +547,7 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, cap
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-    cmd = [sys.executable, "gat.py", "--data", "digits", "--results", str(tmp_path), "--run", "s", "--batch-size", "8",
+    cmd = [sys.executable, "gat.py", "--data", "digits", "--results", str(tmp_path), "--name", "s", "--batch-size", "8",
            "--log-every", "1", "--ckpt-every", "100000", "--sample-every", "0"]
     proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = tmp_path / "s" / "metrics.jsonl"
