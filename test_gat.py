@@ -1327,6 +1327,45 @@ def test_grids_and_training_fid_sample_in_the_runs_precision_and_rank_0_alone_ta
     assert seen and all(seen)
 
 
+DDP_COMPILE_SCRIPT = r'''
+import copy, sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as dist
+import gat
+dist.init_process_group("gloo")
+compile_ = torch.compile  # dynamo and AOT autograd as --compile runs them; eager kernels (no C++ build here)
+torch.compile = lambda model, **kw: compile_(model, backend="aot_eager", **kw)
+cfg = gat.Config(size="tiny", compile=True)
+G = gat.Generator("tiny", 2, 10, 1, 8, ckpt_blocks=2)  # recomputed blocks and the autograd Functions
+D = gat.Discriminator("tiny", 2, 10, 1, 8, repa_dim=0, ckpt_blocks=2)
+models, autocast = gat.wrap_models(G, D, copy.deepcopy(G), cfg, dist.get_world_size(), torch.device("cpu"))
+opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+g = torch.Generator().manual_seed(dist.get_rank())
+for _ in range(2):
+    out = gat.train_step(models, opt_G, opt_D, None, (torch.randn(4, 1, 8, 8, generator=g), None, torch.arange(4)),
+                         cfg, autocast)
+weights = torch.cat([p.detach().flatten() for p in (*G.parameters(), *D.parameters())])
+both = [torch.empty_like(weights) for _ in range(2)]
+dist.all_gather(both, weights)
+assert all(torch.isfinite(v) for v in out.values()) and torch.equal(both[0], both[1])
+dist.barrier()
+dist.destroy_process_group()
+print("COMPILED_DDP_OK", flush=True)
+'''
+
+
+def test_compile_under_ddp_with_recomputed_blocks_and_autograd_functions(tmp_path):
+    """torch.compile of DDP-wrapped G and D splits the graphs at DDP's buckets (DDPOptimizer), which older
+    torch releases refuse for graphs holding checkpointed regions or autograd.Functions ("Found a higher
+    order op", pytorch#104674): two gloo ranks take two compiled steps with both, and stay in sync."""
+    script = tmp_path / "ddp_compile.py"
+    script.write_text(DDP_COMPILE_SCRIPT)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          str(script), HERE], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0 and "COMPILED_DDP_OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
 def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
     """Two torchrun agents on this machine as two nodes of one process each (c10d rendezvous on
     loopback), each running node_args[i] in cwds[i] -> (return codes, logs). Each node's output to a
