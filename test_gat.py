@@ -1722,13 +1722,14 @@ def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path
     _prep_assert_same(out, _prep_reference)
 
 
-def test_prep_final_pass_catches_unwritten_slot(_prep_reference, _prep_tree, _prep_vae, tmp_path):
+def test_prep_final_pass_catches_unwritten_slot(_prep_reference, _prep_tree, _prep_vae, tmp_path, capsys):
     # A shard marked done whose data never reached the file (say, a machine crash) is caught and redone.
     out = tmp_path / "out"
     shutil.copytree(_prep_reference, out)
     np.lib.format.open_memmap(out / "moments.npy", mode="r+")[5] = 0
-    with pytest.raises(SystemExit, match="never written"):
+    with pytest.raises(SystemExit):
         prep_latents.main(_prep_args(_prep_tree, out, _prep_vae))
+    assert "never written" in capsys.readouterr().err
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     assert not (out / "progress/000001.json").exists() and (out / "progress/000000.json").exists()
     prep_latents.main(_prep_args(_prep_tree, out, _prep_vae))
@@ -1750,12 +1751,13 @@ def test_prep_two_ranks(_prep_reference, _prep_tree, _prep_vae, tmp_path):
     _prep_assert_same(out, _prep_reference)
 
 
-def test_prep_refuses_bad_input(tmp_path, _prep_vae):
+def test_prep_refuses_bad_input(tmp_path, _prep_vae, capsys):
     def fails(*args):
         with pytest.raises(SystemExit) as e:
             prep_latents.main(["--out", str(tmp_path / "out"), "--vae", _prep_vae, "--resolution", "32",
                                "--device", "cpu", "--workers", "0", *args])
-        return str(e.value)
+        assert e.value.code == 1
+        return capsys.readouterr().err
 
     assert "not a folder" in fails("--images", str(tmp_path / "missing"))
     flat = tmp_path / "flat"
@@ -2103,13 +2105,13 @@ def test_fid_state_dict_layout_and_strict_loading(tmp_path):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(loaded.state_dict()["Mixed_6d.branch1x1.bn.running_var"], synthetic["Mixed_6d.branch1x1.bn.running_var"])
     torch.save({k: v for k, v in synthetic.items() if k != "fc.bias"}, tmp_path / "missing_key.pth")
-    with pytest.raises(fid.InputError, match="fc.bias"):
+    with pytest.raises(fid.UserError, match="fc.bias"):
         fid.load_inception(tmp_path / "missing_key.pth")
     for bad in ({**synthetic, "AuxLogits.fc.weight": torch.zeros(3)},
                 {**synthetic, "Mixed_5b.branch_pool.conv.weight": torch.zeros(64, 192, 1, 1)}):
         with pytest.raises(RuntimeError):
             fid.InceptionV3FID().load_state_dict(bad, strict=True)
-    with pytest.raises(fid.InputError, match="not found"):
+    with pytest.raises(fid.UserError, match="not found"):
         fid.load_inception(tmp_path / "missing.pth")
 
 
@@ -2118,7 +2120,7 @@ def test_fid_default_weights_offline_error(tmp_path, monkeypatch):
         raise OSError("network unreachable")
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(fid.InputError, match="--inception PATH"):
+    with pytest.raises(fid.UserError, match="--inception PATH"):
         fid.load_inception()
 
 
@@ -2247,7 +2249,7 @@ def test_fid_stats_from_features_float64_ddof1_and_few_samples():
     mu, sigma = fid.stats_from_features(few)
     assert np.linalg.matrix_rank(sigma) == 49
     assert 0 < fid.frechet_distance(mu, sigma, mu + 0.1, np.eye(2048)) < np.inf
-    with pytest.raises(fid.InputError, match="at least 2"):
+    with pytest.raises(fid.UserError, match="at least 2"):
         fid.stats_from_features(few[:1])
 
 
@@ -2450,7 +2452,8 @@ def _bad_inputs(tmp):
                  (["--grad-accum", "0"], "--grad-accum"), (["--grad-ckpt", "9"], "--grad-ckpt"), (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum"), (["--batch-size", "x"], "--batch-size")]
     cases = [("gat", d + argv, flag) for argv, flag in gat_cases]
     cases += [("gat", ["--data", str(tmp / "nowhere"), "--results", str(tmp / "runs")], "--data"),
-              ("gat", d + ["--bench", "--device", "tpu9"], "--device")]
+              ("gat", d + ["--bench", "--device", "tpu9"], "--device"),
+              ("gat", ["--data", "digits", "--results", "/proc/gat-runs"], "--results")]
     c = ["--ckpt", str(tmp / "file")]
     cases += [("sample", c + ["--out", str(tmp / "file")], "--out"), ("sample", ["--ckpt", str(tmp / "no.pt")], "--ckpt"),
               ("sample", c + ["--device", "tpu9"], "--device"), ("sample", c + ["--num-images", "0"], "--num-images"),
@@ -2483,7 +2486,7 @@ def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys):
     for script, argv, named in cases:
         with pytest.raises(SystemExit) as e:
             modules[script].main(argv)
-        err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")  # prep: SystemExit(msg)
+        err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if "error:" in line]
         assert e.value.code not in (0, None) and len(errors) == 1 and named in errors[0], (script, argv, err)
         assert "Traceback" not in err, (script, argv, err)
@@ -2499,11 +2502,19 @@ def test_wrong_invocations_on_the_real_command_line(tmp_path):
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
 
 
-def test_time_budget_bar_counts_minutes():
+def test_time_budget_bar_counts_minutes_and_a_log_file_gets_plain_lines(tmp_path):
     cfg = gat.Config(steps=100_000, max_minutes=9.0)
-    bar = gat.progress_bar(cfg, 0, master=False)
-    assert bar.total == 540  # seconds of the budget, not 100,000 steps
-    assert gat.progress_bar(gat.Config(steps=50), 0, master=False).total == 50
+    bar = gat.progress_bar(cfg, 0, master=True, terminal=True)
+    assert bar.total == 540 and not bar.disable  # seconds of the budget, not 100,000 steps
+    assert gat.progress_bar(gat.Config(steps=50), 0, master=True, terminal=True).total == 50
+    assert gat.progress_bar(cfg, 0, master=False, terminal=True).disable
+    # redirected (nohup, SLURM): no bar redraws in the log, one line per log interval
+    out = subprocess.run([sys.executable, "gat.py", "--data", "digits", "--results", str(tmp_path), "--steps", "6",
+                          "--log-every", "2", "--batch-size", "8", "--max-minutes", "0", "--sample-every", "0"],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [line.split(" (")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert steps == ["step 2", "step 4", "step 6"] and "it/s" not in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 if __name__ == "__main__":
