@@ -130,23 +130,17 @@ class Config:
     data_kind: str = ""                 # "latent" or "pixel"
 
 
-# The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why.
+# The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why
+# (each choice measured at equal wall time; the figures are in git history).
 DIGITS_PRESET = dict(
-    size="tiny", patch=2,               # 8x8 pixels -> 4x4 = 16 tokens. At equal wall time, each faster shape
-                                        # lost: patch 4 (2.4x as fast) never stabilised, depth 2 with K = 2
-                                        # collapsed within classes, width 32 reached recall 0.18 (README)
-    batch_size=64, num_workers=0,       # measured at equal wall time (1,200 vs 2,000 iterations): batch 64
-                                        # reaches recall 0.25 and pixel FD 77 where batch 32 had 0.10 and 115
-    base_lr=8e-4,                       # width-aware lr 9.6e-3 at width 64. At 1,500 iterations (the budget
-                                        # below), one seed each: recall 0.32 / pixel FD 85 / spread 0.82, where
-                                        # 4e-4 had 0.25 / 97 / 0.76 and 2e-4 0.07 / 112 / 0.74; 1.2e-3 collapsed
-                                        # within classes (spread 0.48); 1e-4 never left saturated pixels
+    size="tiny", patch=2,               # 8x8 pixels -> 4x4 = 16 tokens; every faster shape learned less
+    batch_size=64, num_workers=0,       # batch 64 beat 32 at equal time
+    base_lr=8e-4,                       # width-aware lr 9.6e-3 at width 64: 4e-4 learned slower, 1.2e-3
+                                        # collapsed within classes
     repa_weight=0.0,                    # no representation teacher exists for 8x8 digits
-    augment="",                         # a 1-pixel shift or a 4x4 cutout is a large change to an 8x8 digit:
-                                        # measured to halve the pace of class learning and prolong the
-                                        # within-class collapse; and a mirrored 2 or 7 is no longer that digit
-    ema_decay=0.99,                     # a short run wants a short EMA: at 1,500 iterations recall 0.32 with
-                                        # 0.99, 0.28 with 0.98, 0.27 with 0.995 and 0.13 with 0.998 (it lags)
+    augment="",                         # a 1-pixel shift or a 4x4 cutout is a large change to an 8x8 digit, and a
+                                        # mirrored 2 or 7 is no longer that digit: it slowed class learning
+    ema_decay=0.99,                     # a short run wants a short EMA (0.998 lags)
     steps=100_000, max_minutes=4.75,    # the wall clock decides: with start-up and the report, 5 minutes
     log_every=25, sample_every=250, ckpt_every=250, snapshot_every=0,
 )
@@ -225,6 +219,57 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, rotated, sin)  # x cos + rotated sin
 
 
+# Two ops through autograd Functions that keep less for backward than autograd's own graph would, for a
+# cheap recomputation there (SiLU; one reduction for 1/rms): the same function and gradients (test_gat.py
+# checks both against autograd), a [rows, T, C] and a [rows, T, hidden] tensor fewer per block, and one
+# graph on every device for the memory estimate (§14) to count.
+def rms_norm(x, weight, eps=None):
+    """F.rms_norm over the last dim, with gradients through RMSNormSavingInput (autograd's own rms_norm,
+    composite on a CPU, also saves the normalised tensor for the weight's gradient)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return RMSNormSavingInput.apply(x, weight, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+class RMSNormSavingInput(torch.autograd.Function):
+    """Saves x and the weight; backward recomputes 1/rms (one reduction) and runs in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
+        return F.rms_norm(x, x.shape[-1:], weight, eps)  # inside forward: no graph, the fused kernel
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the kernel)
+        xf, gw = x.to(up), grad.to(up) * weight.to(up)
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
+        n = xf * rstd
+        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
+        dw = (grad.to(up) * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+
+
+class SiLUGate(torch.autograd.Function):
+    """silu(a) * b, saving only a and b (views of w12's output, kept anyway) for backward, which
+    recomputes silu(a) (autograd's own silu-then-mul also keeps silu(a))."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a).mul_(b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a double backward (--exact-gp): silu_backward has no derivative
+            sig = torch.sigmoid(a)
+            return grad * b * sig * (1 + a * (1 - sig)), grad * a * sig
+        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with per-head RMSNorm on q and k (qk-norm keeps the logits bounded,
     which GAN training needs) and 2D RoPE, through fused scaled-dot-product attention."""
@@ -241,7 +286,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)  # 3 x [B, T, H, hd]
         cos, sin = (r[:, None] for r in rope)  # [T, 1, hd]: the same angles for every head
-        # rms_norm (§14): F.rms_norm that keeps only its input for backward; the norms' weights cast to
+        # rms_norm: F.rms_norm that keeps only its input for backward; the norms' weights cast to
         # the activations' dtype keep bf16 autocast on the fused kernel
         q = apply_rope(rms_norm(q, self.q_norm.weight.to(q.dtype)), cos, sin).to(v.dtype)
         k = apply_rope(rms_norm(k, self.k_norm.weight.to(k.dtype)), cos, sin).to(v.dtype)
@@ -262,7 +307,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)  # 2 x [B, T, hidden]
-        return self.w3(SiLUGate.apply(a, b))  # silu(a) * b, without keeping silu(a) for backward (§14)
+        return self.w3(SiLUGate.apply(a, b))  # silu(a) * b, without keeping silu(a) for backward
 
 
 def xavier_init(module):
@@ -581,10 +626,8 @@ def relativistic_loss(logits_a, logits_b):
 
 def approx_gradient_penalty(logits, logits_nudged, sigma):
     """Precision matters here: under bf16 autocast the two forwards round independently, and at the
-    paper's sigma = 0.01 rounding dominates their difference. Measured on an S-size D at init: the bf16
-    penalty is 22x its fp32 value and its gradient has cosine 0.08 with fp32's (0.89 at sigma = 0.1,
-    where the fp32 value moves by 2%). The authors' code rounds the same way and we keep their sigma;
-    --precision fp32 or --gp-sigma 0.1 are the experiments to run."""
+    paper's sigma = 0.01 rounding dominates their difference (README). The authors' code rounds the same
+    way and we keep their sigma; --precision fp32 or --gp-sigma 0.1 are the experiments to run."""
     return ((logits - logits_nudged) / sigma).square().mean()
 
 
@@ -867,77 +910,6 @@ def check_compatible(ckpt_cfg, cfg, path):
 def build_generator(cfg):
     return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
                      cfg.num_levels, fixed_pos_embed=cfg.fixed_pos_embed)
-
-
-def load_generator(path, ema=True, device="cpu"):
-    """For sample.py and friends: (G in eval mode, its Config) rebuilt from a checkpoint alone, ours or
-    the authors' (github hse1032/GAT)."""
-    ckpt = read_torch_file(path)
-    try:
-        if isinstance(ckpt, dict) and ckpt.get("format") == CKPT_FORMAT:
-            cfg = Config(**upgrade_checkpoint(ckpt)["config"])
-            G, state = build_generator(cfg), ckpt["G_ema" if ema else "G"]
-        elif (theirs := authors_generator_state(ckpt, ema)) is not None:
-            cfg, state = config_from_authors(theirs, ckpt.get("args")), from_authors_keys(theirs)
-            G = build_generator(cfg)
-        else:
-            raise CheckpointError(f"'{path}' is neither a gat.py checkpoint (format '{CKPT_FORMAT}') nor the authors' "
-                                  "(a dict with 'ema'/'generator'/'model', or their bare generator state dict)")
-        G.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"checkpoint '{path}' does not hold a usable generator: {e}") from e
-    return G.to(device).eval().requires_grad_(False), cfg
-
-
-# The authors' generator names (their models/generator.py) -> ours. Dropped: their patch embedder of a
-# noise input (x_embedder, multiplied by 0 in their forward) and their RoPE tables (feat_rope.freqs_*,
-# the same tables, recomputed here).
-AUTHORS_KEYS = [("y_embedder.embedding_table.", "class_embed."), ("latent_embedder.", "mapping."),
-                ("adaLN_modulation.1.", "modulation."), (".mlp.", ".ffn."), ("final_layers.", "heads.")]
-AUTHORS_DROPPED = ("x_embedder.", "feat_rope.")
-
-
-def authors_generator_state(ckpt, ema):
-    """Their train.py's dict ("ema", "generator", ...), generate.py's "model", or a bare state dict ->
-    their generator's state dict (DDP / compile prefixes removed), or None if it is none of these."""
-    if not isinstance(ckpt, dict):
-        return None
-    state = next((ckpt[k] for k in (("ema", "generator") if ema else ("generator", "ema")) + ("model",)
-                  if isinstance(ckpt.get(k), dict)), ckpt)
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
-    return state if "pos_embed" in state and "y_embedder.embedding_table.weight" in state else None
-
-
-def from_authors_keys(state):
-    out = {}
-    for k, v in state.items():
-        if not k.startswith(AUTHORS_DROPPED):
-            for theirs, ours in AUTHORS_KEYS:
-                k = k.replace(theirs, ours)
-            out["tokens" if k == "pos_embed" else k] = v
-    return out
-
-
-def config_from_authors(state, args=None):
-    """Size, patch, classes, channels and levels from the tensors' shapes (their args are not needed)."""
-    _, T, C = state["pos_embed"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    heads = C // state["blocks.0.attn.q_norm.weight"].shape[0]
-    size = next((n for n, m in MODEL_SIZES.items() if (m["depth"], m["width"], m["heads"]) == (depth, C, heads)), None)
-    if size is None:
-        raise CheckpointError(f"the authors' generator has depth {depth}, width {C}, {heads} heads: not one of "
-                              f"the sizes {list(MODEL_SIZES)}")
-    out = state["final_layers.0.linear.weight"].shape[0]  # patch * patch * channels
-    channels = state["x_embedder.proj.weight"].shape[1] if "x_embedder.proj.weight" in state else 4
-    patch = math.isqrt(out // channels)
-    num_classes, z_dim = state["y_embedder.embedding_table.weight"].shape
-    vae = f"stabilityai/sd-vae-ft-{getattr(args, 'vae', 'ema')}"  # their --vae: ema or mse
-    return Config(size=size, patch=patch, z_dim=z_dim, num_levels=sum(k.endswith(".linear.weight") and
-                                                                      k.startswith("final_layers.") for k in state),
-                  num_classes=num_classes, channels=channels, input_size=math.isqrt(T) * patch,
-                  data_kind="latent", vae=vae, data="")
 
 
 def seed_streams(seed, device):
@@ -1647,59 +1619,6 @@ def model_flops(cfg, teacher=None):
     return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
 
 
-# Two ops of §2 through autograd Functions that save less than autograd's own graph would, at the
-# cost of a cheap recomputation in backward (SiLU; one reduction for 1/rms). They compute the same
-# function and gradients (test_gat.py checks both against autograd); the counts below assume them.
-def rms_norm(x, weight, eps=None):
-    """F.rms_norm over the last dim, with gradients through RMSNormSavingInput: autograd's own rms_norm
-    (composite on CPU) also saves the normalised tensor for the weight's gradient, one more [rows, T, C]
-    per norm (0.6 GB in D's 4B-row step at S/2 batch 8, fp32), and the memory estimate counts one graph
-    on every device."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return RMSNormSavingInput.apply(x, weight, eps)
-    return F.rms_norm(x, x.shape[-1:], weight, eps)
-
-
-class RMSNormSavingInput(torch.autograd.Function):
-    """Saves x and the weight; backward recomputes 1/rms (one reduction) and runs in fp32."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
-        return F.rms_norm(x, x.shape[-1:], weight, eps)  # inside forward: no graph, the fused kernel
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the kernel)
-        xf, gw = x.to(up), grad.to(up) * weight.to(up)
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
-        n = xf * rstd
-        dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
-        dw = (grad.to(up) * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
-
-
-class SiLUGate(torch.autograd.Function):
-    """silu(a) * b, saving only a and b (views of w12's output, kept anyway) for backward, which
-    recomputes silu(a): autograd's own silu-then-mul also saves silu(a), a [rows, T, hidden] tensor per
-    block (in D's 4B-row step 0.4 GB at S/2 batch 8, fp32), for one cheap elementwise op."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return F.silu(a).mul_(b)
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        if torch.is_grad_enabled():  # a double backward (--exact-gp): silu_backward has no derivative
-            sig = torch.sigmoid(a)
-            return grad * b * sig * (1 + a * (1 - sig)), grad * a * sig
-        return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
-
-
 # Activation memory. Bytes are counted from what each op saves for backward (verified op by op with
 # torch.autograd.graph.saved_tensors_hooks on CPU, test_gat.py), per row (sample) and block. Under bf16
 # autocast the residual stream and RMSNorm (an fp32-listed op: its inputs are upcast) stay fp32 and the
@@ -1926,10 +1845,8 @@ def loader_rate(cfg, device, batches=20):
 def tune_cpu_malloc(device):
     """On CPU, the step's large tensors come and go through glibc's malloc, which by default hands every
     block over its mmap threshold back to the OS on free (the next one of that size page-faults on fresh,
-    zeroed pages) and raises that threshold as blocks are freed, so the first iterations run slower than
-    the later ones. Measured at S/2 batch 8 fp32 with REPA: 30-40 s of the kernel's time per 5 iterations
-    and 27 -> 18 s iterations by default; with the threshold fixed at its 32 MiB maximum, freed memory
-    kept (trim and top pad) and one arena, 12 s and 18 -> 14.5 s. No effect off glibc or on GPU."""
+    zeroed pages): the mmap threshold fixed at its 32 MiB maximum, freed memory kept (trim and top pad)
+    and one arena make the step a quarter faster. No effect off glibc or on GPU."""
     import ctypes, platform
     if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
         return False
@@ -1992,8 +1909,8 @@ def sampling_rates(G_ema, cfg, device, autocast, b, iters):
 
 def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # 3 warm-up iterations reach the steady state on both devices (on this project's CPU, S/2 batch 8 with
-    # REPA: 19, 18, then 15-16 s per iteration; oneDNN's and malloc's first passes are the slow ones)
+    # 3 warm-up iterations reach the steady state on both devices (oneDNN's and malloc's first passes, the
+    # compiler's, cuDNN's autotuning are the slow ones)
     warmup, iters = warmup or 3, iters or (10 if device.type == "cuda" else 3)
     check_batch_size(cfg, None, 1)
     tune_cpu_malloc(device)

@@ -25,6 +25,7 @@ the mean style of the same z over all classes; 1 = off, 0 = the class-free image
 import argparse
 import math
 import os
+import re
 import sys
 import time
 import zipfile
@@ -133,9 +134,82 @@ def latent_codes(seed, indices, z_dim, num_classes):
     return torch.from_numpy(z), torch.from_numpy(y)
 
 
+# ------------------------------------------------------------------------------------------------
+# Checkpoints to generators: gat.py's, or the authors' converted by their tensors' names and shapes
+# ------------------------------------------------------------------------------------------------
+def load_generator(path, ema=True, device="cpu"):
+    """(G in eval mode, its gat.Config) rebuilt from a checkpoint alone, gat.py's or the authors' (github
+    hse1032/GAT)."""
+    ckpt = gat.read_torch_file(path)
+    try:
+        if isinstance(ckpt, dict) and ckpt.get("format") == gat.CKPT_FORMAT:
+            cfg = gat.Config(**gat.upgrade_checkpoint(ckpt)["config"])
+            G, state = gat.build_generator(cfg), ckpt["G_ema" if ema else "G"]
+        elif (theirs := authors_generator_state(ckpt, ema)) is not None:
+            cfg, state = config_from_authors(theirs, ckpt.get("args")), from_authors_keys(theirs)
+            G = gat.build_generator(cfg)
+        else:
+            raise gat.CheckpointError(f"'{path}' is neither a gat.py checkpoint (format '{gat.CKPT_FORMAT}') nor the "
+                                      "authors' (a dict with 'ema'/'generator'/'model', or their bare generator state dict)")
+        G.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        if isinstance(e, gat.CheckpointError):
+            raise
+        raise gat.CheckpointError(f"checkpoint '{path}' does not hold a usable generator: {e}") from e
+    return G.to(device).eval().requires_grad_(False), cfg
+
+
+# The authors' generator names (their models/generator.py) -> ours. Dropped: their patch embedder of a
+# noise input (x_embedder, multiplied by 0 in their forward) and their RoPE tables (feat_rope.freqs_*,
+# the same tables, recomputed here).
+AUTHORS_KEYS = [("y_embedder.embedding_table.", "class_embed."), ("latent_embedder.", "mapping."),
+                ("adaLN_modulation.1.", "modulation."), (".mlp.", ".ffn."), ("final_layers.", "heads.")]
+AUTHORS_DROPPED = ("x_embedder.", "feat_rope.")
+
+
+def authors_generator_state(ckpt, ema):
+    """Their train.py's dict ("ema", "generator", ...), generate.py's "model", or a bare state dict ->
+    their generator's state dict (DDP / compile prefixes removed), or None if it is none of these."""
+    if not isinstance(ckpt, dict):
+        return None
+    state = next((ckpt[k] for k in (("ema", "generator") if ema else ("generator", "ema")) + ("model",)
+                  if isinstance(ckpt.get(k), dict)), ckpt)
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+    return state if "pos_embed" in state and "y_embedder.embedding_table.weight" in state else None
+
+
+def from_authors_keys(state):
+    out = {}
+    for k, v in state.items():
+        if not k.startswith(AUTHORS_DROPPED):
+            for theirs, ours in AUTHORS_KEYS:
+                k = k.replace(theirs, ours)
+            out["tokens" if k == "pos_embed" else k] = v
+    return out
+
+
+def config_from_authors(state, args=None):
+    """Size, patch, classes, channels and levels from the tensors' shapes (their args are not needed)."""
+    _, T, C = state["pos_embed"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    heads = C // state["blocks.0.attn.q_norm.weight"].shape[0]
+    size = next((n for n, m in gat.MODEL_SIZES.items() if (m["depth"], m["width"], m["heads"]) == (depth, C, heads)), None)
+    if size is None:
+        raise gat.CheckpointError(f"the authors' generator has depth {depth}, width {C}, {heads} heads: not one "
+                                  f"of the sizes {list(gat.MODEL_SIZES)}")
+    out = state["final_layers.0.linear.weight"].shape[0]  # patch * patch * channels
+    channels = state["x_embedder.proj.weight"].shape[1] if "x_embedder.proj.weight" in state else 4
+    patch = math.isqrt(out // channels)
+    num_classes, z_dim = state["y_embedder.embedding_table.weight"].shape
+    vae = f"stabilityai/sd-vae-ft-{getattr(args, 'vae', 'ema')}"  # their --vae: ema or mse
+    levels = sum(k.startswith("final_layers.") and k.endswith(".linear.weight") for k in state)
+    return gat.Config(size=size, patch=patch, z_dim=z_dim, num_levels=levels, num_classes=num_classes, channels=channels,
+                      input_size=math.isqrt(T) * patch, data_kind="latent", vae=vae, data="")
+
+
 def load_model(args, device):
     """(G, cfg, vae or None), every failure as a clear error before any image is made."""
-    G, cfg = gat.load_generator(args.ckpt, ema=not args.raw, device=device)
+    G, cfg = load_generator(args.ckpt, ema=not args.raw, device=device)
     if cfg.data_kind == "pixel":
         return G, cfg, None
     name = args.vae or cfg.vae

@@ -503,7 +503,7 @@ def test_checkpoints_from_before_trained_tables_load_and_resume_as_fixed_tables(
     del ckpt["config"]["fixed_pos_embed"]  # as written by the code of the fixed tables
     ckpt["config"]["run"] = ckpt["config"].pop("name")  # and of --run (now --name)
     torch.save(ckpt, path)
-    G, cfg = gat.load_generator(path)
+    G, cfg = sample.load_generator(path)
     assert cfg.fixed_pos_embed and "tokens" not in dict(G.named_parameters()) and cfg.name == "old"
     gat.train(digits_cfg(tmp_path, "old", steps=3, fixed_pos_embed=True))  # resumes, no mismatch
     assert ckpt_of(tmp_path, "old")["step"] == 3
@@ -528,7 +528,7 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
         gat.load_checkpoint(str(bad))
     torch.save({"generator": {}}, tmp_path / "other.pt")
     with pytest.raises(gat.CheckpointError, match="neither a gat.py checkpoint .* nor the authors'"):
-        gat.load_generator(str(tmp_path / "other.pt"))
+        sample.load_generator(str(tmp_path / "other.pt"))
 
 
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -1881,7 +1881,7 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
 
 
 def test_sample_images_come_from_seed_and_index_and_truncate_to_class_means(_sample_pixel_ckpt, tmp_path):
-    G, _ = gat.load_generator(_sample_pixel_ckpt)
+    G, _ = sample.load_generator(_sample_pixel_ckpt)
     z, y_random = sample.latent_codes(5, range(12), G.z_dim, 10)
 
     def npz(name, *extra):
@@ -1930,7 +1930,7 @@ def test_sample_grid_rows_classes_columns_seeds_blocks_truncations(_sample_pixel
 
 
 def test_sample_interpolation_ends_at_the_two_images(_sample_pixel_ckpt, tmp_path):
-    G, _ = gat.load_generator(_sample_pixel_ckpt)
+    G, _ = sample.load_generator(_sample_pixel_ckpt)
     z, _ = sample.latent_codes(0, [2, 5], G.z_dim, 10)
     rounded = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()  # as gat.save_grid
     for classes, ends in (("4", ([4, 4], z)), ("4,9", ([4, 9], z[:1].expand(2, -1)))):
@@ -1975,7 +1975,7 @@ def test_sample_latent_checkpoint_decodes_with_a_vae_given_by_path(tmp_path, cap
     with np.load(tmp_path / "s" / "samples_3x32x32x3.npz") as f:
         x, y = f["arr_0"], f["arr_1"]
     assert x.dtype == np.uint8 and x.shape == (3, 32, 32, 3) and len(os.listdir(tmp_path / "s" / "images")) == 3
-    G, _ = gat.load_generator(ckpt)
+    G, _ = sample.load_generator(ckpt)
     vae = gat.load_vae(vae_dir, torch.device("cpu"))
     z, _ = sample.latent_codes(0, range(3), G.z_dim, 3)
     expected = sample.to_uint8(gat.decode_latents(vae, G.generate(z, torch.from_numpy(y)))).numpy()
@@ -2036,13 +2036,13 @@ def test_authors_checkpoints_give_the_same_images(tmp_path, capsys):
     for name, obj in (("full", full), ("model", {"model": authors_layout(G)}), ("bare", authors_layout(G)),
                       ("ddp", {"ema": {"module." + k: v for k, v in authors_layout(G).items()}})):
         torch.save(obj, tmp_path / f"{name}.pt")
-        loaded, cfg = gat.load_generator(str(tmp_path / f"{name}.pt"))
+        loaded, cfg = sample.load_generator(str(tmp_path / f"{name}.pt"))
         assert (cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels, cfg.data_kind) == (
             "tiny", 2, 10, 4, 8, 4, "latent")
         assert torch.equal(loaded.generate(z, y), G.generate(z, y))
         assert torch.equal(loaded.generate(z, y, 0.5, 1.5), G.generate(z, y, 0.5, 1.5))
-    assert cfg.vae == "stabilityai/sd-vae-ft-ema" and gat.load_generator(str(tmp_path / "full.pt"))[1].vae.endswith("mse")
-    raw, _ = gat.load_generator(str(tmp_path / "full.pt"), ema=False)
+    assert cfg.vae == "stabilityai/sd-vae-ft-ema" and sample.load_generator(str(tmp_path / "full.pt"))[1].vae.endswith("mse")
+    raw, _ = sample.load_generator(str(tmp_path / "full.pt"), ema=False)
     assert torch.equal(raw.generate(z, y), G_raw.generate(z, y)) and not torch.equal(raw.generate(z, y), G.generate(z, y))
     vae_dir = tiny_vae(tmp_path / "vae")  # and so sample.py
     _sample_run("--ckpt", tmp_path / "full.pt", "--vae", vae_dir, "--num-images", 2, "--no-png", "--out", tmp_path / "s")
@@ -2052,7 +2052,7 @@ def test_authors_checkpoints_give_the_same_images(tmp_path, capsys):
     bad["blocks.0.attn.qkv.weight"] = bad["blocks.0.attn.qkv.weight"][:, :32]
     torch.save({"ema": bad}, tmp_path / "bad.pt")
     with pytest.raises(gat.CheckpointError, match="does not hold a usable generator"):
-        gat.load_generator(str(tmp_path / "bad.pt"))
+        sample.load_generator(str(tmp_path / "bad.pt"))
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "args": argparse.Namespace(lr=1)}, tmp_path / "foreign.pt")
     err = _sample_error(capsys, "--ckpt", tmp_path / "foreign.pt", "--num-images", 1, "--out", tmp_path / "f")
     assert err.startswith("error:") and "neither a gat.py checkpoint" in err and "nor the authors'" in err
