@@ -17,7 +17,8 @@ the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in
  11. training loop     one D step then one G step per iteration (optionally accumulated); DDP via torchrun
  12. demo evaluation   class agreement, within-class spread, Frechet distances, precision/recall on the digits
  13. training FID      FID-5K of the EMA G during training, spread over all ranks (uses fid.py)
- 14. benchmark         ms/iteration, images/s, analytic FLOPs and MFU; the memory estimate and --grad-ckpt auto
+ 14. memory            the estimate of one process's bytes and --grad-ckpt auto's choice of recomputed blocks
+ 15. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
 
 Run:
   python gat.py --data digits                            # CPU demo: tiny GAT on 8x8 digits, 5 min
@@ -1574,52 +1575,11 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
 
 
 # ------------------------------------------------------------------------------------------------
-# 14. Benchmark: full training iterations on random data of the real shapes, timed after warm-up,
-# with model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so MFU says
-# how much of the device's matmul peak the step turns into model arithmetic.
+# 14. Memory: what one process holds, counted from the ops (what each saves for backward) and measured
+# where the allocator cannot be counted (the runtime, the CUDA context), and the choice of the blocks that
+# --grad-ckpt auto recomputes so that the estimate fits the device.
 # ------------------------------------------------------------------------------------------------
-GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
-
-
-def gpu_peak_flops(device):
-    """(datasheet bf16 dense peak in FLOP/s or nan, its description) for the GPU's name."""
-    name = torch.cuda.get_device_name(device)
-    key = next((k for k in GPU_BF16_PEAK_TFLOPS if k in name), None)
-    if key is None:
-        return float("nan"), f"{name}: peak unknown"
-    return GPU_BF16_PEAK_TFLOPS[key] * 1e12, f"{name} datasheet bf16 dense peak {GPU_BF16_PEAK_TFLOPS[key]:.0f} TFLOP/s"
-
-
-def vit_forward_flops(depth, width, tokens, ffn_hidden, ffn_matrices=3, extra=0):
-    """Matmul FLOPs of one sample through `depth` pre-norm blocks (qkv, attention, proj, FFN with 3
-    hidden-sized matrices for SwiGLU or 2 for a GELU MLP), plus `extra`."""
-    attn = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width + 2 * tokens * width * width
-    return depth * (attn + 2 * tokens * width * ffn_hidden * ffn_matrices) + extra
-
-
-def model_flops(cfg, teacher=None):
-    """Per-sample forward FLOPs of G, D (on one 4-level input), the REPA projector and the teacher,
-    and the per-iteration total: D step = G fwd (no grad) + D fwd/bwd over the 4B batch + teacher +
-    projector fwd/bwd; G step = G fwd/bwd + D fwd (reals, no grad) + D fwd/bwd-to-input (fakes)."""
-    m = MODEL_SIZES[cfg.size]
-    C, P, T = m["width"], m["proj_dim"], (cfg.input_size // cfg.patch) ** 2
-    hidden = int(2 / 3 * 4 * C)
-    mod = 2 * C * 4 * C * m["depth"] + cfg.num_levels * 2 * C * C  # per-sample modulation
-    heads = cfg.num_levels * 2 * T * C * cfg.patch ** 2 * cfg.channels
-    g = vit_forward_flops(m["depth"], C, T, hidden, extra=heads + mod + 2 * (2 * cfg.z_dim * C + C * C))
-    d = vit_forward_flops(m["depth"], C, T + 1, hidden, extra=2 * T * cfg.num_levels * cfg.channels * cfg.patch ** 2 * C
-                          + 2 * C * P + 2 * 2 * P * P)
-    repa = t = 0
-    if teacher is not None:
-        repa = 2 * (T + 1) * (C * P + P * P + P * teacher.embed_dim)
-        tt = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
-        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, tt, 4 * teacher.embed_dim, ffn_matrices=2,
-                              extra=2 * teacher.patch_embed.num_patches * 3 * 14 * 14 * teacher.embed_dim)
-    per_iter = g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa
-    return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
-
-
-# Activation memory. Bytes are counted from what each op saves for backward (verified op by op with
+# Activation memory: bytes are counted from what each op saves for backward (verified op by op with
 # torch.autograd.graph.saved_tensors_hooks on CPU, test_gat.py), per row (sample) and block. Under bf16
 # autocast the residual stream and RMSNorm (an fp32-listed op: its inputs are upcast) stay fp32 and the
 # matmuls keep bf16 copies of their inputs and of the weights. The D step's D forward sees 4B rows
@@ -1806,6 +1766,52 @@ def setup_recompute(cfg, G, D, teacher, device, world, outside):
             f"{ALLOCATOR_SLACK[device.type]:.0%} allocator slack on the step's. --grad-ckpt {cfg.grad_ckpt}: recomputes "
             f"{nd}/{est['depth']} D blocks and {ng}/{est['depth']} G blocks, {why}")
     return line, est
+
+
+# ------------------------------------------------------------------------------------------------
+# 15. Benchmark: full training iterations on random data of the real shapes, timed after warm-up,
+# with model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so MFU says
+# how much of the device's matmul peak the step turns into model arithmetic.
+# ------------------------------------------------------------------------------------------------
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
+
+
+def gpu_peak_flops(device):
+    """(datasheet bf16 dense peak in FLOP/s or nan, its description) for the GPU's name."""
+    name = torch.cuda.get_device_name(device)
+    key = next((k for k in GPU_BF16_PEAK_TFLOPS if k in name), None)
+    if key is None:
+        return float("nan"), f"{name}: peak unknown"
+    return GPU_BF16_PEAK_TFLOPS[key] * 1e12, f"{name} datasheet bf16 dense peak {GPU_BF16_PEAK_TFLOPS[key]:.0f} TFLOP/s"
+
+
+def vit_forward_flops(depth, width, tokens, ffn_hidden, ffn_matrices=3, extra=0):
+    """Matmul FLOPs of one sample through `depth` pre-norm blocks (qkv, attention, proj, FFN with 3
+    hidden-sized matrices for SwiGLU or 2 for a GELU MLP), plus `extra`."""
+    attn = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width + 2 * tokens * width * width
+    return depth * (attn + 2 * tokens * width * ffn_hidden * ffn_matrices) + extra
+
+
+def model_flops(cfg, teacher=None):
+    """Per-sample forward FLOPs of G, D (on one 4-level input), the REPA projector and the teacher,
+    and the per-iteration total: D step = G fwd (no grad) + D fwd/bwd over the 4B batch + teacher +
+    projector fwd/bwd; G step = G fwd/bwd + D fwd (reals, no grad) + D fwd/bwd-to-input (fakes)."""
+    m = MODEL_SIZES[cfg.size]
+    C, P, T = m["width"], m["proj_dim"], (cfg.input_size // cfg.patch) ** 2
+    hidden = int(2 / 3 * 4 * C)
+    mod = 2 * C * 4 * C * m["depth"] + cfg.num_levels * 2 * C * C  # per-sample modulation
+    heads = cfg.num_levels * 2 * T * C * cfg.patch ** 2 * cfg.channels
+    g = vit_forward_flops(m["depth"], C, T, hidden, extra=heads + mod + 2 * (2 * cfg.z_dim * C + C * C))
+    d = vit_forward_flops(m["depth"], C, T + 1, hidden, extra=2 * T * cfg.num_levels * cfg.channels * cfg.patch ** 2 * C
+                          + 2 * C * P + 2 * 2 * P * P)
+    repa = t = 0
+    if teacher is not None:
+        repa = 2 * (T + 1) * (C * P + P * P + P * teacher.embed_dim)
+        tt = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
+        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, tt, 4 * teacher.embed_dim, ffn_matrices=2,
+                              extra=2 * teacher.patch_embed.num_patches * 3 * 14 * 14 * teacher.embed_dim)
+    per_iter = g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa
+    return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
 
 
 def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):

@@ -135,7 +135,7 @@ def test_sincos_and_rope_tables():
 
 
 def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
-    # the memory-lean Functions of §14 must compute autograd's function and gradients, including the
+    # the memory-lean Functions of §2 must compute autograd's function and gradients, including the
     # double backward that --exact-gp takes through D
     torch.manual_seed(0)
     a, b, x = (torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
