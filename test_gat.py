@@ -1436,7 +1436,7 @@ torch.use_deterministic_algorithms(True, warn_only=True)  # a resume compared bi
 os.environ["LOCAL_RANK"] = "0"  # both processes on the one GPU, so NCCL (one rank per device) is out:
 dist.init_process_group("gloo")  # gloo, which moves CUDA tensors too
 cfg = gat.Config(**gat.DIGITS_PRESET)
-settings = dict(results=sys.argv[2], name=sys.argv[3], steps=int(sys.argv[4]), device="cuda", batch_size=8,
+settings = dict(data="digits", results=sys.argv[2], name=sys.argv[3], steps=int(sys.argv[4]), device="cuda", batch_size=8,
                 max_minutes=0.0, sample_every=0, log_every=1, ckpt_every=2)
 for k, v in settings.items():
     setattr(cfg, k, v)
