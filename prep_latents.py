@@ -395,8 +395,7 @@ def run(args):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # every batch has the same shape
         if args.precision == "fp32":
-            # fp32 asked for is fp32, not the TF32 convolutions of cuDNN's default (the flags every torch has)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            gat.set_tf32(False)  # fp32 asked for is fp32, not the TF32 convolutions of cuDNN's default
     barrier = dist.barrier if distributed else (lambda: None)
 
     # Rank 0 scans, loads the VAE first (one download into the Hugging Face cache, not eight racing ones) and

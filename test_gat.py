@@ -759,28 +759,22 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
 
 
-def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
-    """Two torchrun agents on this machine as two nodes of one process each, the README's multi-node
-    launch (c10d rendezvous, a shared id): the same gradients, class means and step as one process."""
+def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
+    """Two torchrun agents on this machine as two nodes of one process each (c10d rendezvous on
+    loopback), each running node_args[i] in cwds[i] -> (return codes, logs). Each node's output to a
+    file (a pipe left unread can block its writer), one deadline for both; a node still running then
+    is killed."""
     import socket
-    script = tmp_path / "ddp_check.py"
-    script.write_text(DDP_SCRIPT)
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
-    # each node's output to a file (a pipe left unread can block its writer), one deadline for both, and
-    # on failure both nodes' logs; loopback addresses, as two nodes on one machine
-    env = dict(env, GLOO_SOCKET_IFNAME="lo")
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gat-test",
-                               "--local-addr=127.0.0.1", str(script), HERE, str(tmp_path / "two.pt"), "step-only"],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, env=env) for log in logs]
-    deadline = time.time() + 240
+                               "--local-addr=127.0.0.1", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd=cwd) for log, args, cwd in zip(logs, node_args, cwds)]
+    deadline = time.time() + deadline_s
     try:
         while time.time() < deadline and any(node.poll() is None for node in nodes):
             time.sleep(0.5)
@@ -788,8 +782,19 @@ def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
         for node in nodes:
             node.kill()
             node.wait()
-    logs = [log.read_text() for log in logs]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(f"node {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
+    return [node.returncode for node in nodes], [log.read_text() for log in logs]
+
+
+def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
+    """Two torchrun agents on this machine as two nodes of one process each, the README's multi-node
+    launch (c10d rendezvous, a shared id): the same gradients, class means and step as one process."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert one.returncode == 0, one.stderr
+    codes, logs = run_two_nodes(tmp_path, [[str(script), HERE, str(tmp_path / "two.pt"), "step-only"]] * 2)
+    assert codes == [0, 0], "\n".join(f"node {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
     assert sorted(re.findall(r"RANK \d DONE", "".join(logs))) == ["RANK 0 DONE", "RANK 1 DONE"]
     assert sorted(re.findall(r"RANK \d OF \d", "".join(logs))) == ["RANK 0 OF 2", "RANK 1 OF 2"]
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
@@ -1364,32 +1369,6 @@ def test_compile_under_ddp_with_recomputed_blocks_and_autograd_functions(tmp_pat
                           str(script), HERE], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0 and "COMPILED_DDP_OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
-
-
-def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
-    """Two torchrun agents on this machine as two nodes of one process each (c10d rendezvous on
-    loopback), each running node_args[i] in cwds[i] -> (return codes, logs). Each node's output to a
-    file (a pipe left unread can block its writer), one deadline for both; a node still running then
-    is killed."""
-    import socket
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    logs = [tmp_path / f"node{i}.log" for i in range(2)]
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gat-test",
-                               "--local-addr=127.0.0.1", *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                              text=True, env=env, cwd=cwd) for log, args, cwd in zip(logs, node_args, cwds)]
-    deadline = time.time() + deadline_s
-    try:
-        while time.time() < deadline and any(node.poll() is None for node in nodes):
-            time.sleep(0.5)
-    finally:
-        for node in nodes:
-            node.kill()
-            node.wait()
-    return [node.returncode for node in nodes], [log.read_text() for log in logs]
 
 
 def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clearly(tmp_path):
