@@ -596,6 +596,96 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------------
+# The digits demo's judge (gat.py --data digits). Class agreement alone cannot see mode collapse, so it
+# reports, each beside what real digits score: the share of samples a classifier assigns to their
+# conditioning class; the within-class spread (mean distance to the class centroid, generated / real:
+# ~0 = one image per class); Frechet distances in pixel space and in the classifier's feature space (with
+# the real-vs-real floor and the score of the ten class means repeated, a fully collapsed G); and k-NN
+# precision and recall (k = 3, pixels, 500 samples vs the 500 held-out digits), which separate "good
+# digits" from "all the kinds of digits" where spread and FD can look healthy.
+def class_spread(x, y, num_classes):
+    """Mean Euclidean distance of each sample to its class centroid."""
+    return float(np.mean([np.linalg.norm(x[y == c] - x[y == c].mean(0), axis=1).mean()
+                          for c in range(num_classes) if (y == c).sum() > 1]))
+
+
+class DigitsJudge:
+    """An MLP classifier trained on the held-out digits (data: x, y the GAN's split, x_held, y_held; [N, 1,
+    8, 8] in [-1, 1]), which the GAN never sees; its hidden layer is the feature space of the feature FD."""
+
+    COLLAPSED_BELOW = 0.5  # spread of collapsed prototypes: 0.27-0.41; of working runs: 0.7 and more
+    PR_N = 500  # samples on each side of the precision/recall
+
+    def __init__(self, data, device, n_samples=1000):
+        self.device, gen = device, torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                 nn.Linear(256, 10))
+        opt = torch.optim.Adam(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
+        x, y = data["x_held"], data["y_held"]
+        with torch.enable_grad():
+            for _ in range(400):  # the noise: a little robustness to GAN artefacts
+                loss = F.cross_entropy(self.net(x + 0.1 * torch.randn(x.shape, generator=gen)), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net.eval().requires_grad_(False)
+        self.y_eval, self.z_eval = torch.arange(n_samples) % 10, torch.randn(n_samples, 64, generator=torch.Generator().manual_seed(1))
+        real, self.held = self.pixels(data["x"]), self.pixels(x)
+        self.held_feat, means = self.features(x), np.stack([self.held[y.numpy() == c].mean(0) for c in range(10)])
+        collapsed = means[np.arange(len(real)) % 10]
+        pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(2))[:self.PR_N].numpy()
+        precision, recall = self.precision_recall(real[pick])
+        self.real = dict(judge_accuracy=float((self.net(data["x"]).argmax(1) == data["y"]).float().mean()),
+                         fd_pixel_real_floor=self.fd(real, self.held),
+                         fd_feature_real_floor=self.fd(self.features(data["x"]), self.held_feat),
+                         fd_pixel_class_means=self.fd(collapsed, self.held),
+                         fd_feature_class_means=self.fd(self.features(torch.tensor(collapsed).float().view(-1, 1, 8, 8) / 8 - 1),
+                                                        self.held_feat),
+                         precision_real=precision, recall_real=recall)
+        self.real_spread = class_spread(self.held, y.numpy(), 10)
+
+    @staticmethod
+    def fd(a, b):
+        return frechet_distance(*stats_from_features(a), *stats_from_features(b))
+
+    @staticmethod
+    def pixels(x):
+        return ((x.flatten(1) + 1) * 8).numpy()  # back to the digits' 0..16 scale, [N, 64]
+
+    def features(self, x):
+        return self.net[:-1](x).numpy()
+
+    def precision_recall(self, pix):
+        return precision_recall(self.held[:self.PR_N], pix[:self.PR_N], k=3)
+
+    @torch.no_grad()
+    def evaluate(self, G, final=False):
+        """The figures of G's samples (G.generate(z, y) -> [N, 1, 8, 8]); final adds what real digits score."""
+        x = G.generate(self.z_eval[:, :G.z_dim].to(self.device), self.y_eval.to(self.device)).float().cpu().clamp(-1, 1)
+        pix = self.pixels(x)
+        out = dict(agreement=float((self.net(x).argmax(1) == self.y_eval).float().mean()),
+                   spread=class_spread(pix, self.y_eval.numpy(), 10) / self.real_spread,
+                   fd_pixel=self.fd(pix, self.held), fd_feature=self.fd(self.features(x), self.held_feat))
+        out["precision"], out["recall"] = self.precision_recall(pix)  # z_eval's first 500: 50 per class
+        out["collapsed"] = out["spread"] < self.COLLAPSED_BELOW
+        return out | self.real if final else out
+
+    def report(self, s, step, minutes):
+        vs = lambda k, fmt: f"(real vs held-out real {format(s[k + '_real_floor'], fmt)}; class means repeated " \
+                            f"{format(s[k + '_class_means'], fmt)})"
+        return (f"digits demo after {step} iterations, {minutes:.1f} min:\n"
+                f"  class agreement   {s['agreement']:.1%}   (judge's accuracy on real digits {s['judge_accuracy']:.1%})\n"
+                f"  within-class spread {s['spread']:.2f} x real   (1.0 = as varied as real; below {self.COLLAPSED_BELOW} = "
+                f"collapsed){'   <- COLLAPSED: G draws about one digit per class whatever z is' if s['collapsed'] else ''}\n"
+                f"  pixel FD          {s['fd_pixel']:.1f}   {vs('fd_pixel', '.1f')}\n"
+                f"  feature FD        {s['fd_feature']:.2f}   {vs('fd_feature', '.2f')}\n"
+                f"  precision         {s['precision']:.2f}   (real vs held-out real {s['precision_real']:.2f}; the share of "
+                "samples that look like some real digit)\n"
+                f"  recall            {s['recall']:.2f}   (real vs held-out real {s['recall_real']:.2f}; the share of "
+                "real digits that some sample looks like)")
+
+
+# -----------------------------------------------------------------------------------------------------
 # Command line
 
 def open_source(path):

@@ -15,10 +15,9 @@ the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in
   9. data              memory-mapped latents from prep_latents.py, or the sklearn digits demo
  10. checkpoints       atomic writes, exact resume
  11. training loop     one D step then one G step per iteration (optionally accumulated); DDP via torchrun
- 12. demo evaluation   class agreement, within-class spread, Frechet distances, precision/recall on the digits
- 13. training FID      FID-5K of the EMA G during training, spread over all ranks (uses fid.py)
- 14. memory            the estimate of one process's bytes and --grad-ckpt auto's choice of recomputed blocks
- 15. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
+ 12. watching a run    sample grids from fixed noise, training-time FID-5K (the demo's judge: fid.py)
+ 13. memory            the estimate of one process's bytes and --grad-ckpt auto's choice of recomputed blocks
+ 14. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
 
 Run:
   python gat.py --data digits                            # CPU demo: tiny GAT on 8x8 digits, 5 min
@@ -35,12 +34,12 @@ import functools
 import importlib.util
 import json
 import math
+import operator
 import os
 import re
 import signal
 import sys
 import time
-import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +52,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fid  # the FID statistics (training FID, the demo's judge); fid.py imports nothing of this project
+import fid  # training FID and the demo's judge; fid.py imports nothing of this project
 from fid import UserError, check_device  # bad input: one `error: ...` line in every script
+from prep_latents import load_latents, load_vae  # the latent folder's reader beside its writer
 
 # ------------------------------------------------------------------------------------------------
 # 1. Config. The model sizes are DiT's (paper, "Model configurations"); one table for G and D.
@@ -74,61 +74,68 @@ REPA_TEACHER = "vit_base_patch14_dinov2.lvd142m"  # DINOv2 ViT-B/14, 768-dim tok
 AUGMENT_POLICY = "color,translation,cutout,flip"  # DiffAugment on D's inputs, as the authors' code
 
 
+def setting(default, help, **allowed):
+    """A Config field that is a flag: its default, its --help, and what it allows (choices, checked by
+    argparse; bounds at_least / above / at_most / below, checked with the rest by validate_config)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, **allowed))
+
+
 @dataclass
 class Config:
     # model
-    size: str = "XL"                    # one of MODEL_SIZES
-    patch: int = 2                      # patch size on the 32x32 latent: 2, 4 or 8
-    z_dim: int = 64                     # latent code z ~ N(0, I)
-    num_levels: int = 4                 # K MNG output heads; 1 = the no-MNG ablation (no noise either)
-    fixed_pos_embed: bool = False       # ablation: the paper's fixed sin-cos position tables (the code trains them)
+    size: str = setting("XL", "model size", choices=tuple(MODEL_SIZES))
+    patch: int = setting(2, "patch size on the 32x32 latent", choices=PATCH_SIZES)
+    z_dim: int = setting(64, "latent code z ~ N(0, I)", at_least=1)
+    num_levels: int = setting(4, "K MNG output heads; 1 = the no-MNG ablation (no noise either)", at_least=1)
+    fixed_pos_embed: bool = setting(False, "ablation: the paper's fixed sin-cos position tables (the code trains them)")
     # data
-    data: str = "data/imagenet256"      # prep_latents.py output dir, or "digits" for the CPU demo
-    batch_size: int = 512               # global batch, split over the ranks
-    grad_accum: int = 1                 # micro-batches per rank and step (same global batch, less memory)
-    num_workers: int = 4                # DataLoader workers reading the memory-mapped arrays
+    data: str = setting("data/imagenet256", "prep_latents.py output folder, or 'digits' for the CPU demo")
+    batch_size: int = setting(512, "global batch, split over the ranks", at_least=1)
+    grad_accum: int = setting(1, "micro-batches per rank and step (the same global batch, less memory)", at_least=1)
+    num_workers: int = setting(4, "DataLoader workers reading the memory-mapped arrays", at_least=0)
     # losses (paper: relativistic loss + approximated R1/R2 + REPA on D)
-    r1_gamma: float = 0.1               # weight gamma of R1 (reals); added as gamma / 2
-    r2_gamma: float = 0.1               # weight gamma of R2 (fakes); added as gamma / 2
-    gp_sigma: float = 0.01              # finite-difference step of the approximated penalties
-    exact_gp: bool = False              # ablation: exact R1/R2 by double backward instead
-    repa_weight: float = 1.0            # 0 = the no-REPA ablation (no teacher is loaded)
-    repa_teacher: str = REPA_TEACHER    # timm name of the frozen representation teacher
-    augment: str = AUGMENT_POLICY       # DiffAugment operations on D's inputs ("" = none)
+    r1_gamma: float = setting(0.1, "weight gamma of R1 (reals), added as gamma / 2", at_least=0)
+    r2_gamma: float = setting(0.1, "weight gamma of R2 (fakes), added as gamma / 2", at_least=0)
+    gp_sigma: float = setting(0.01, "finite-difference step of the approximated penalties", above=0)
+    exact_gp: bool = setting(False, "ablation: exact R1/R2 by double backward")
+    repa_weight: float = setting(1.0, "0 = the no-REPA ablation (no teacher is loaded)", at_least=0)
+    repa_teacher: str = setting(REPA_TEACHER, "timm name of the frozen representation teacher")
+    augment: str = setting(AUGMENT_POLICY, "DiffAugment operations on D's inputs ('' = none)")
     # optimisation
-    base_lr: float = 2e-4               # width-aware: lr = base_lr * 768 / width, for G and D each
-    beta1: float = 0.0
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999            # EMA of G's weights, used for sampling
-    steps: int = 400_000                # iterations (one D step + one G step each)
+    base_lr: float = setting(2e-4, "width-aware: lr = base_lr * 768 / width, for G and D each", above=0)
+    beta1: float = setting(0.0, "AdamW's beta1 (0: no momentum, as GANs prefer)", at_least=0, below=1)
+    beta2: float = setting(0.99, "AdamW's beta2", at_least=0, below=1)
+    grad_clip: float = setting(1.0, "gradient norm clipping", above=0)
+    ema_decay: float = setting(0.999, "EMA of G's weights, used for sampling (0 = the raw G)", at_least=0, below=1)
+    steps: int = setting(400_000, "iterations (one D step + one G step each)", at_least=1)
     # run
-    results: str = "results"            # runs live in results/<run>/
-    name: str = ""                      # the run's name (results/<name>/); default from size, patch and data
-    resume: str = "auto"                # "auto" (the run's latest.pt if any), "none", or a path
-    seed: int = 0
-    log_every: int = 10                 # host syncs (loss.item, NaN check, stop signal) only here; >= 1
-    sample_every: int = 1250            # fixed-noise EMA sample grid PNG; 0 = off
-    sample_truncation: float = 0.0      # truncation of the grid (0 = none; fraction toward class mean)
-    ckpt_every: int = 2000              # overwrite checkpoints/latest.pt (atomically); 0 = only at the end or a stop
-    snapshot_every: int = 20000         # keep checkpoints/<step>.pt; 0 = off
-    max_minutes: float = 0.0            # stop (with a checkpoint) after this wall time; 0 = no limit
-    fid_every: int = 0                  # FID-5K of EMA G against --fid-ref every N steps; 0 = off
-    fid_ref: str = ""                   # reference stats .npz (fid.py / prep_latents.py --ref-stats)
-    fid_num: int = 5000                 # images per training-time FID (>= 2; below 2,049 strongly biased)
-    fid_inception: str = ""             # Inception weights file; default: download to the torch hub cache
+    results: str = setting("results", "runs live in results/<name>/")
+    name: str = setting("", "the run's name; default from size, patch and data")
+    resume: str = setting("auto", "auto (the run's latest.pt if any), none, or a checkpoint path")
+    seed: int = setting(0, "the seed of the weights, the data order and every random stream", at_least=0)
+    log_every: int = setting(10, "steps per log interval: host syncs (losses, NaN check, stop) only here", at_least=1)
+    sample_every: int = setting(1250, "steps between EMA sample grids from fixed noise; 0 = off", at_least=0)
+    sample_truncation: float = setting(0.0, "the grids' truncation (fraction toward the class mean)", at_least=0, at_most=1)
+    ckpt_every: int = setting(2000, "steps between atomic writes of checkpoints/latest.pt; 0 = at the end or a stop",
+                              at_least=0)
+    snapshot_every: int = setting(20000, "steps between kept checkpoints/<step>.pt; 0 = off", at_least=0)
+    max_minutes: float = setting(0.0, "stop (with a checkpoint) after this wall time; 0 = no limit", at_least=0)
+    fid_every: int = setting(0, "steps between FID-5Ks of the EMA G against --fid-ref; 0 = off", at_least=0)
+    fid_ref: str = setting("", "reference stats .npz (fid.py, or prep_latents.py --ref-stats)")
+    fid_num: int = setting(5000, "images per training-time FID (a covariance needs 2; below 2,049 biased)", at_least=2)
+    fid_inception: str = setting("", "Inception weights file; default: download to the torch hub cache")
     # speed
-    device: str = ""                    # default: cuda if available, else cpu
-    precision: str = "auto"             # auto = bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
-    compile: bool = False               # torch.compile G and D
-    grad_ckpt: str = "auto"             # blocks recomputed in backward: auto (fewest that fit), off, all, or N per model
-    vae: str = ""                       # VAE for decoding sample grids; default: the one in manifest
-    wandb: str = ""                     # wandb project to log metrics, sample grids and config to ("" = off)
-    # not CLI: what the data implies, filled in by the loop (and stored in checkpoints)
+    device: str = setting("", "default: cuda if available, else cpu")
+    precision: str = setting("auto", "auto = bf16 autocast on GPU, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    compile: bool = setting(False, "torch.compile G and D")
+    grad_ckpt: str = setting("auto", "blocks recomputed in backward: auto (the fewest that fit), off, all, or N per model")
+    vae: str = setting("", "VAE that decodes the sample grids; default: the one in the data's manifest")
+    wandb: str = setting("", "wandb project to log metrics, grids and config to; '' = off")
+    # not flags: what the data implies, filled in by prepare_data (and stored in checkpoints)
     num_classes: int = 0
     channels: int = 0
     input_size: int = 0
-    data_kind: str = ""                 # "latent" or "pixel"
+    data_kind: str = ""  # "latent" or "pixel"
 
 
 # The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why
@@ -747,71 +754,14 @@ def update_ema(ema, model, decay):
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. Data. ImageNet: the directory written by prep_latents.py (manifest.json + memory-mapped .npy
-# arrays: float16 posterior moments, uint8 images for REPA, labels, a valid mask). Every step draws a
-# fresh posterior sample latent = 0.18215 (mean + std eps) on the device. The order is a seeded
-# permutation per epoch; the global batch at step s is perm[s*B:(s+1)*B] and rank r takes its slice,
-# so the data position is the step itself and a resume continues the exact sequence.
+# 9. Data. ImageNet: the folder prep_latents.py writes and its load_latents reads (memory-mapped float16
+# posterior moments, uint8 images for REPA, labels). Every step draws a fresh posterior sample latent =
+# 0.18215 (mean + std eps) on the device. The order is a seeded permutation per epoch; the global batch
+# at step s is perm[s*B:(s+1)*B] and rank r takes its slice, so the data position is the step itself and
+# a resume continues the exact sequence.
 # ------------------------------------------------------------------------------------------------
-class DataError(UserError):
-    pass
-
-
-def load_latent_dataset(path):
-    """-> dict(moments, images, labels, index, num_classes, manifest); arrays memory-mapped."""
-    hint = (f"Prepare ImageNet latents with `python prep_latents.py --images /path/to/train --out {path}`"
-            " or run the CPU demo with `python gat.py --data digits`.")
-    manifest_path = os.path.join(path, "manifest.json")
-    if not os.path.isfile(manifest_path):
-        raise DataError(f"no dataset at '{path}' (missing {manifest_path}). {hint}")
-    try:
-        with open(manifest_path) as f:
-            man = json.load(f)
-        if man.get("format") != "gat-latents-v1":
-            raise DataError(f"{manifest_path} has format {man.get('format')!r}, expected 'gat-latents-v1'. {hint}")
-        if not man.get("complete"):
-            raise DataError(f"'{path}' is incomplete (an interrupted prep_latents.py run): rerun the same "
-                            "prep_latents.py command, it resumes where it stopped.")
-        arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r")
-                  for k in ("moments", "images", "labels", "valid")}
-    except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"malformed dataset at '{path}': {e}. {hint}") from e
-    n = man["count"]
-    shapes_ok = (arrays["moments"].shape[0] == n and arrays["moments"].shape[1] == 8 and arrays["images"].shape[0] == n
-                 and arrays["labels"].shape == (n,) and arrays["valid"].shape == (n,))
-    if not shapes_ok:
-        raise DataError(f"malformed dataset at '{path}': array shapes disagree with count {n}. {hint}")
-    index = np.flatnonzero(arrays["valid"])
-    if len(index) == 0:
-        raise DataError(f"'{path}' holds no valid images. {hint}")
-    return dict(arrays, index=index, num_classes=man["num_classes"], manifest=man)
-
-
-class LatentBatches(torch.utils.data.Dataset):
-    """Item i = global batch i's slice for this rank: (moments f16, images u8, labels), read from the
-    memory maps with one sorted fancy index per array (no per-file I/O), in DataLoader workers."""
-
-    def __init__(self, data, batch_size, rank, world, seed, start_step, num_steps):
-        self.data, self.b, self.rank, self.seed = data, batch_size // world, rank, seed
-        self.B, self.start, self.num_steps = batch_size, start_step, num_steps
-        self.per_epoch = len(data["index"]) // batch_size
-        if self.per_epoch == 0:
-            raise DataError(f"the batch size {batch_size} exceeds the dataset ({len(data['index'])} images)")
-
-    def __len__(self):
-        return self.num_steps - self.start
-
-    def __getitem__(self, i):
-        rows = batch_rows(len(self.data["index"]), self.B, self.b, self.rank, self.seed, self.start + i)
-        idx = np.sort(self.data["index"][rows])
-        return tuple(torch.from_numpy(np.ascontiguousarray(self.data[k][idx])) for k in ("moments", "images", "labels"))
-
-
 def batch_rows(n, B, b, rank, seed, step):
-    """Rows (into the valid index) of this rank's share of global batch `step`: a seeded permutation
-    per epoch, drop-last, rank r taking B/world consecutive entries of the global batch."""
+    """Rows (of n) in rank's share b of global batch `step` of size B, drop-last epochs."""
     epoch, j = divmod(step, n // B)
     return epoch_permutation(n, seed, epoch)[j * B + rank * b: j * B + (rank + 1) * b]
 
@@ -822,12 +772,28 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).numpy()
 
 
+class LatentBatches(torch.utils.data.Dataset):
+    """Item i = this rank's slice of global batch start + i: (moments f16, images u8, labels), read in
+    DataLoader workers from the memory maps with one sorted fancy index per array (no per-file I/O)."""
+
+    def __init__(self, data, cfg, rank, world, start):
+        self.data, self.cfg, self.rank, self.world, self.start = data, cfg, rank, world, start
+
+    def __len__(self):
+        return self.cfg.steps - self.start
+
+    def __getitem__(self, i):
+        B, n = self.cfg.batch_size, len(self.data["index"])
+        idx = np.sort(self.data["index"][batch_rows(n, B, B // self.world, self.rank, self.cfg.seed, self.start + i)])
+        return tuple(torch.from_numpy(np.ascontiguousarray(self.data[k][idx])) for k in ("moments", "images", "labels"))
+
+
 DIGITS_TRAIN = 1297  # training split of the digits (known before loading them, for validate_config)
 
 
 def load_digits_dataset():
     """The 1,797 8x8 digits that scikit-learn ships (offline), in [-1, 1], split 1,297 train / 500
-    held out with a fixed seed. The GAN trains on the first split only."""
+    held out (the demo judge's) with a fixed seed. The GAN trains on the first split only."""
     from sklearn.datasets import load_digits
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1  # [1797, 1, 8, 8], 0..16 -> -1..1
@@ -837,9 +803,41 @@ def load_digits_dataset():
     return dict(x=x[train], y=y[train], x_held=x[held], y_held=y[held], num_classes=10)
 
 
+def prepare_data(cfg):
+    """Loads the data and fills in what it implies (classes, channels, size, kind, run name) on cfg."""
+    if cfg.data == "digits":
+        data = load_digits_dataset()
+        cfg.channels, cfg.input_size, cfg.data_kind = 1, 8, "pixel"
+    else:
+        data = load_latents(cfg.data)
+        cfg.channels, cfg.input_size, cfg.data_kind = 4, data["moments"].shape[-1], "latent"
+        cfg.vae = cfg.vae or data["manifest"].get("vae", "stabilityai/sd-vae-ft-ema")
+    cfg.num_classes = data["num_classes"]
+    cfg.name = cfg.name or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
+    return data
+
+
+def batch_iterator(data, cfg, rank, world, start, device):
+    """Yields (x_real, images_u8 or None, labels) on the device, from step `start` on."""
+    if cfg.data_kind == "pixel":
+        for step in range(start, cfg.steps):
+            rows = torch.from_numpy(batch_rows(len(data["x"]), cfg.batch_size, cfg.batch_size // world, rank, cfg.seed, step))
+            yield data["x"][rows].to(device), None, data["y"][rows].to(device)
+        return
+    workers = cfg.num_workers
+    loader = torch.utils.data.DataLoader(LatentBatches(data, cfg, rank, world, start), batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers else None)
+    for moments, images, labels in loader:
+        mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)  # [b, 4, 32, 32] each
+        x = LATENT_SCALE * (mean + std * torch.randn_like(mean))  # a fresh posterior sample every step
+        yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
 # ------------------------------------------------------------------------------------------------
 # 10. Checkpoints: written to a temporary file, fsynced, then renamed over the old one, so a crash at
-# any moment leaves the previous checkpoint intact. They hold everything an exact resume needs.
+# any moment leaves the previous checkpoint intact. They hold everything an exact resume needs: the
+# models, the EMA, both optimisers, the step and every rank's random streams.
 # ------------------------------------------------------------------------------------------------
 CKPT_FORMAT = "gat-ckpt-v1"
 
@@ -863,14 +861,14 @@ def atomic_save(obj, path):
 
 
 def read_torch_file(path):
-    """torch.load with weights_only=True (no pickled code runs); the authors' checkpoints also hold an
-    argparse.Namespace (their "args"), allow-listed as plain data."""
+    """torch.load with weights_only=True (no pickled code runs; the authors' checkpoints' argparse
+    Namespace allowed as plain data), memory-mapped: tensors are read as they are copied into the
+    models, and a node's ranks share one copy in the page cache (not 8 x 15 GB of host memory at XL)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     torch.serialization.add_safe_globals([argparse.Namespace])
     try:
-        try:  # memory-mapped: the tensors are read as they are copied to the models, and the ranks of a
-            # node share one copy in the page cache (not 8 x 15 GB of host memory at XL)
+        try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as e:
             if "mmap can only be used" not in str(e):
@@ -893,14 +891,13 @@ def upgrade_checkpoint(ckpt):
     so they resume and load as that ablation; the run's name was stored as "run"."""
     if isinstance(ckpt.get("config"), dict):
         ckpt["config"].setdefault("fixed_pos_embed", True)
-        if "run" in ckpt["config"]:  # the run's name, renamed: torchrun (Python 3.11) refuses --run as ambiguous
+        if "run" in ckpt["config"]:  # renamed: torchrun (Python 3.11) refuses --run as ambiguous
             ckpt["config"]["name"] = ckpt["config"].pop("run")
     return ckpt
 
 
 def check_compatible(ckpt_cfg, cfg, path):
-    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size",
-            "data_kind")
+    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size", "data_kind")
     diff = {k: (ckpt_cfg.get(k), getattr(cfg, k)) for k in keys if ckpt_cfg.get(k) != getattr(cfg, k)}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
@@ -908,15 +905,10 @@ def check_compatible(ckpt_cfg, cfg, path):
                               "--size/--patch/--data, or another --name to start fresh.")
 
 
-def build_generator(cfg):
-    return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
-                     cfg.num_levels, fixed_pos_embed=cfg.fixed_pos_embed)
-
-
 def seed_streams(seed, device):
     """Seeds this process's own random streams: the CPU generator and, on a GPU, only this process's
-    device. (torch.manual_seed seeds every GPU's generator as well: called on every rank after the
-    per-rank seeding, it would give all ranks the same z, noise and augmentation.)"""
+    device (torch.manual_seed would seed every GPU: called on every rank, it would give all ranks the
+    same z, noise and augmentation)."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -924,10 +916,7 @@ def seed_streams(seed, device):
 
 
 def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+    return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
 
 
 def set_rng_state(state, device):
@@ -943,59 +932,61 @@ def set_rng_state(state, device):
 # batch (reals and fakes for the loss, their nudged copies for the approximated R1/R2: one batched pass
 # instead of four); in the G step D on reals without grad (the relativistic partner, a constant for G)
 # and on fakes with backward to the input (G's gradient); the REPA teacher once, on the reals. Host
-# syncs (loss values, NaN check, stop flags) happen only at log steps.
+# syncs (loss values, NaN check, stop flags) happen only at the end of a log interval.
 # ------------------------------------------------------------------------------------------------
-STOP = {"signal": None}
+def build_generator(cfg):
+    return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
+                     cfg.num_levels, fixed_pos_embed=cfg.fixed_pos_embed)
 
 
-def request_stop(signum, frame):
-    STOP["signal"] = signum  # acted on at the next check step: checkpoint, then a clean exit
+def build_models(cfg, device, pretrained_teacher=True):
+    """G, D, the EMA copy of G, and the frozen REPA teacher (None without REPA or in pixel space). The
+    blocks to recompute are set afterwards (setup_recompute), once the models' sizes are known."""
+    G = build_generator(cfg).to(device)
+    use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
+    teacher = build_repa_teacher(cfg.repa_teacher, pretrained_teacher).to(device) if use_repa else None
+    D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
+                      repa_dim=teacher.embed_dim if use_repa else 0, fixed_pos_embed=cfg.fixed_pos_embed).to(device)
+    return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
 
 
-def setup_distributed(cfg):
-    if "RANK" in os.environ:  # launched by torchrun
-        cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        return rank, world, device
-    return 0, 1, torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+@dataclass
+class Models:
+    """G and D as each step calls them, and the plain modules underneath (for the optimisers, the EMA
+    and checkpoints). G and D run with gradients to be synchronised (DDP); G_fakes (the D step's fakes,
+    no grad) and D_frozen (the G step's critic: weights frozen, only the gradient to its input) run
+    outside DDP, since they make no weight gradients to synchronise."""
+    G: nn.Module
+    D: nn.Module
+    G_fakes: nn.Module
+    D_frozen: nn.Module
+    G_raw: nn.Module
+    D_raw: nn.Module
+    G_ema: nn.Module
 
 
-def prepare_data(cfg):
-    """Loads the data and fills in what it implies (classes, channels, size, kind) on cfg."""
-    if cfg.data == "digits":
-        data = load_digits_dataset()
-        cfg.channels, cfg.input_size, cfg.data_kind = 1, 8, "pixel"
-    else:
-        data = load_latent_dataset(cfg.data)
-        cfg.channels, cfg.input_size, cfg.data_kind = 4, data["moments"].shape[-1], "latent"
-        cfg.vae = cfg.vae or data["manifest"].get("vae", "stabilityai/sd-vae-ft-ema")
-    cfg.num_classes = data["num_classes"]
-    cfg.name = cfg.name or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
-    return data
+def use_bf16(cfg, device):
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
-def batch_iterator(data, cfg, rank, world, start, device):
-    """Yields (x_real, images_u8 or None, labels) on the device, from step `start` on."""
-    b = cfg.batch_size // world
-    if cfg.data_kind == "pixel":
-        for step in range(start, cfg.steps):
-            rows = torch.from_numpy(batch_rows(len(data["x"]), cfg.batch_size, b, rank, cfg.seed, step))
-            yield data["x"][rows].to(device), None, data["y"][rows].to(device)
-        return
-    batches = LatentBatches(data, cfg.batch_size, rank, world, cfg.seed, start, cfg.steps)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-                                         prefetch_factor=4 if cfg.num_workers else None)
-    for moments, images, labels in loader:
-        moments = moments.to(device, non_blocking=True).float()
-        mean, std = moments.chunk(2, dim=1)  # [b, 4, 32, 32] each
-        x = LATENT_SCALE * (mean + std * torch.randn_like(mean))  # a fresh posterior sample every step
-        yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+def set_tf32(allowed):
+    """TF32 (a 10-bit mantissa) for the fp32 matmuls and convolutions left outside bf16 autocast, where
+    the run is bf16 anyway; --precision fp32 is then IEEE fp32, as asked."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+
+
+def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
+    """DDP (several processes) and torch.compile around G and D -> (Models, autocast)."""
+    G, D = G_raw, D_raw
+    if world > 1:  # gradient_as_bucket_view: gradients live in DDP's buckets, not in a copy beside them (4 GiB at XL)
+        ddp = functools.partial(nn.parallel.DistributedDataParallel, device_ids=[device.index] if device.type == "cuda"
+                                else None, broadcast_buffers=False, gradient_as_bucket_view=True)
+        G, D = ddp(G_raw), ddp(D_raw)
+    models = Models(G=G, D=D, G_fakes=G_raw, D_frozen=D_raw, G_raw=G_raw, D_raw=D_raw, G_ema=G_ema)
+    if cfg.compile:  # dynamic=False: each call site its own static graphs (D sees 4B rows, then B)
+        models.G, models.D, models.G_fakes, models.D_frozen = map(functools.partial(torch.compile, dynamic=False),
+                                                                  (G, D, G_raw, D_raw))
+    return models, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
 
 
 def sync_on_last(model, i, n):
@@ -1008,7 +999,7 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
     """D's update over the step's micro-batches [(x_real, images, y, z)]: each loss scaled by 1/N so
     that the gradient and the logged values are the whole batch's means; one clip, one step."""
     opt_D.zero_grad(set_to_none=True)
-    loss_D, logs = 0, {}
+    logs = {}
     for i, (x_real, images, y, z) in enumerate(micro):
         # G's forward in an autocast block of its own: autocast caches the bf16 copies of weights that
         # require grad, even under no_grad, until its block ends; here they are freed before D's backward
@@ -1017,12 +1008,11 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
         with sync_on_last(models.D, i, len(micro)), autocast:
             loss, parts = d_loss(models.D, fake, x_real, y, cfg, teacher, images)
             (loss / len(micro)).backward()
-        loss_D = loss_D + loss.detach() / len(micro)
-        for k, v in parts.items():
+        for k, v in (parts | {"loss_D": loss}).items():
             logs[k] = logs.get(k, 0) + v.detach() / len(micro)
-    gn_D = nn.utils.clip_grad_norm_(models.D_raw.parameters(), cfg.grad_clip)
+    logs["grad_norm_D"] = nn.utils.clip_grad_norm_(models.D_raw.parameters(), cfg.grad_clip)
     opt_D.step()
-    return dict(loss_D=loss_D, grad_norm_D=gn_D, **logs)
+    return logs
 
 
 def g_step(models, opt_G, micro, cfg, autocast):
@@ -1058,6 +1048,312 @@ def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
     return logs | logs_G
 
 
+STOP = {"signal": None}
+
+
+def request_stop(signum, frame):
+    STOP["signal"] = signum  # acted on at the end of the log interval: checkpoint, then a clean exit
+
+
+def setup_distributed(cfg):
+    """-> (rank, world, device): torchrun's process group (NCCL on GPUs, gloo on CPUs) or one process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+@dataclass
+class Run:
+    """What a run keeps between steps, declared in one place (open_run fills it in)."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    dir: str                            # results/<name>: config.json, metrics.jsonl, grids, checkpoints/
+    data: dict                          # the memory-mapped latents, or the digits
+    models: Models
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    teacher: nn.Module                  # the frozen REPA teacher, or None
+    autocast: torch.autocast            # bf16 autocast, or disabled
+    step: int                           # iterations done
+    grid: tuple                         # the fixed (z, y) of the sample grids
+    judge: object                       # the digits demo's fid.DigitsJudge, or None
+    lazy: dict                          # loaded on first use: the VAE, Inception, FID reference stats
+    flops_per_image: float              # model FLOPs per image and iteration, for the logged MFU
+    log: object = None                  # rank 0's metrics.jsonl
+    wandb: object = None                # the wandb module when logging there
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def latest(self):
+        return os.path.join(self.dir, "checkpoints", "latest.pt")
+
+
+def open_run(cfg):
+    """Everything a run needs before its first step: the processes, the data, the run folder, the models
+    and optimisers (restored from the checkpoint on a resume), the blocks to recompute, DDP / compile,
+    the fixed grid noise and the demo's judge."""
+    rank, world, device = setup_distributed(cfg)
+    set_tf32(use_bf16(cfg, device))
+    data = prepare_data(cfg)
+    check_batch_size(cfg, len(data["x"]) if cfg.data_kind == "pixel" else len(data["index"]), world)
+    run_dir = os.path.join(cfg.results, cfg.name)
+    resume_path = find_resume(cfg, os.path.join(run_dir, "checkpoints", "latest.pt"), world)
+    if cfg.repa_weight > 0 and cfg.data_kind == "latent":
+        import timm  # noqa: F401 (the teacher's library is part of the runtime measured next)
+    outside = memory_outside_tensors(device, world)  # after NCCL's start (find_resume), before any model
+    ckpt = load_checkpoint(resume_path) if resume_path else None  # read and checked before anything is written
+    if ckpt:
+        check_compatible(ckpt["config"], cfg, resume_path)
+    if rank == 0:
+        try:
+            os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg) | {"world_size": world}, f, indent=2)
+        except OSError as e:
+            raise UserError(f"--results {cfg.results!r}: cannot write the run folder {run_dir} ({e.strerror or e}); "
+                            "give a writable folder") from e
+    torch.default_generator.manual_seed(cfg.seed)  # identical initial weights on every rank (built on the CPU)
+    G_raw, D_raw, G_ema, teacher = build_models(cfg, device)
+    opt_G, opt_D = make_optimizer(G_raw, cfg), make_optimizer(D_raw, cfg)
+    if ckpt:
+        restore(ckpt, G_raw, D_raw, G_ema, opt_G, opt_D, cfg, rank, world, device)
+    else:
+        seed_streams(cfg.seed * 1000 + rank + 1, device)  # each rank its own z, augmentation and noise
+    memory_line, _ = setup_recompute(cfg, G_raw, D_raw, teacher, device, world, outside)
+    models, autocast = wrap_models(G_raw, D_raw, G_ema, cfg, world, device)
+    # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
+    classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
+    grid_y = torch.tensor(classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
+    with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's CPU stream nor depends on it
+        torch.default_generator.manual_seed(0)  # the CPU's only: fork_rng(devices=[]) restores no GPU stream
+        judge = fid.DigitsJudge(data, device) if cfg.data_kind == "pixel" else None
+    run = Run(cfg, rank, world, device, run_dir, data, models, opt_G, opt_D, teacher, autocast,
+              step=ckpt["step"] if ckpt else 0, judge=judge, lazy={}, flops_per_image=model_flops(cfg, teacher)["per_iteration"],
+              grid=(torch.randn(len(grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed)), grid_y))
+    if run.master:
+        if cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
+            lazy_vae(run.lazy, cfg, device)
+        run.log = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        run.wandb = start_wandb(cfg, run_dir, world) if cfg.wandb else None
+        print(f"{'resumed from ' + resume_path + ' at step ' + str(run.step) + '; ' if ckpt else ''}GAT-{cfg.size}/{cfg.patch}: "
+              f"G {count_params(G_raw):,} and D {count_params(D_raw):,} trainable parameters; lr G "
+              f"{width_aware_lr(G_raw.width, cfg.base_lr):.3g}, D {width_aware_lr(D_raw.width, cfg.base_lr):.3g}; {world} "
+              f"process(es) on {device}, {'bf16' if use_bf16(cfg, device) else 'fp32'}; run dir {run_dir}\n{memory_line}\n"
+              f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
+                                                if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
+              + ("; then the demo prints what G learned" if judge else ""))
+    return run
+
+
+def find_resume(cfg, latest, world):
+    """The checkpoint this run resumes from, or None. Rank 0 decides, from its own disk, and every rank
+    must then see that file: a rank that decided alone (a node without the checkpoint) would start at
+    step 0 beside resumed ones, and the job would hang in mismatched collectives."""
+    path = {"auto": latest if os.path.isfile(latest) else None, "none": None}.get(cfg.resume, cfg.resume)
+    if world > 1:
+        decided, seen = [path], [None] * world
+        dist.broadcast_object_list(decided, src=0)
+        path = decided[0]
+        dist.all_gather_object(seen, path is None or os.path.isfile(path))
+        if not all(seen):
+            blind = [rank for rank, ok in enumerate(seen) if not ok]
+            raise UserError(f"rank 0 resumes from '{path}', which rank(s) {blind} cannot see: --results must be a "
+                            "folder shared by all nodes (a network file system), or copy the run's checkpoints/ "
+                            "to every node before resuming")
+    return path
+
+
+def restore(ckpt, G, D, G_ema, opt_G, opt_D, cfg, rank, world, device):
+    """Models, EMA, optimisers and this rank's random streams from a checkpoint."""
+    for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_G, "opt_G"), (opt_D, "opt_D")):
+        module.load_state_dict(ckpt[key])
+    if len(ckpt["rng"]) == world:
+        set_rng_state(ckpt["rng"][rank], device)
+    else:  # a different world size cannot continue the same random streams
+        seed_streams(cfg.seed + 1000 * ckpt["step"] + rank, device)
+
+
+def save_checkpoint(run, snapshot=False):
+    """On every rank (each contributes its random streams); rank 0 writes latest.pt atomically, and with
+    snapshot a kept copy checkpoints/<step>.pt, made the same way."""
+    m = run.models
+    state = dict(format=CKPT_FORMAT, config=dataclasses.asdict(run.cfg), step=run.step, G=m.G_raw.state_dict(),
+                 D=m.D_raw.state_dict(), G_ema=m.G_ema.state_dict(), opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict())
+    rngs = [rng_state(run.device)] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng_state(run.device))
+    if run.master:
+        atomic_save(state | {"rng": [{k: v.cpu() for k, v in s.items()} for s in rngs]}, run.latest)
+        if snapshot:
+            import shutil
+            snap = os.path.join(os.path.dirname(run.latest), f"{run.step:07d}.pt")
+            shutil.copyfile(run.latest, f"{snap}.tmp.{os.getpid()}")
+            os.replace(f"{snap}.tmp.{os.getpid()}", snap)
+
+
+def progress_bar(cfg, step, master, terminal=None):
+    """A bar on rank 0 in a terminal: with a time budget, over the budget's seconds with the step count in
+    front (a bar over --steps would show 100,000 steps and a wrong ETA), else over steps. Redirected to a
+    file (nohup, SLURM), where each redraw would stay in the log, it is off: log_interval prints one plain
+    line per interval instead."""
+    from tqdm import tqdm
+    off = not master or not (sys.stderr.isatty() if terminal is None else terminal)
+    if cfg.max_minutes:
+        return tqdm(total=round(cfg.max_minutes * 60), disable=off, dynamic_ncols=True,
+                    bar_format="{desc} |{bar}| {elapsed} of the " + f"{cfg.max_minutes:g}-minute budget" + "{postfix}")
+    return tqdm(total=cfg.steps, initial=step, disable=off, dynamic_ncols=True)
+
+
+def start_wandb(cfg, run_dir, world):
+    """The wandb run of this run folder (named after it; its id kept there, so that a resume continues
+    the same wandb run); files in <run dir>/wandb. -> the wandb module, for log / Image / finish."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError(f"--wandb {cfg.wandb} needs the wandb package: pip install wandb") from None
+    id_path = os.path.join(run_dir, "wandb_id.txt")
+    if not os.path.isfile(id_path):
+        with open(id_path, "w") as f:
+            f.write(os.urandom(8).hex())  # any unique string names a wandb run
+    with open(id_path) as f:
+        run_id = f.read().strip()
+    wandb.init(project=cfg.wandb, name=os.path.basename(run_dir), id=run_id, resume="allow", dir=run_dir,
+               config=dataclasses.asdict(cfg) | {"world_size": world})
+    return wandb
+
+
+def sync_interval(run, sums, n_sum, seconds, stop):
+    """The one host sync of a log interval: the interval's mean metrics over its steps and the ranks, the
+    NaN check, and the stop flag (any rank's signal or clock stops every rank) -> (metrics, stop)."""
+    names = sorted(sums)
+    vec = torch.stack([sums[k] / n_sum for k in names] + [torch.tensor(float(bool(stop)), device=run.device)])
+    if run.world > 1:
+        dist.all_reduce(vec)
+        vec[:-1] /= run.world
+    *values, stop = vec.tolist()
+    metrics = dict(zip(names, values))
+    if not all(map(math.isfinite, values)):
+        raise FloatingPointError(
+            f"non-finite values ({', '.join(k for k, v in metrics.items() if not math.isfinite(v))}) between steps "
+            f"{run.step - n_sum} and {run.step}: the run stopped. The last good checkpoint is kept untouched in "
+            f"{os.path.dirname(run.latest)}; resume from it with a lower --base-lr or other changes.")
+    metrics.update(step=run.step, lr_G=run.opt_G.param_groups[0]["lr"], lr_D=run.opt_D.param_groups[0]["lr"],
+                   images_per_s=n_sum * run.cfg.batch_size / max(seconds, 1e-9))
+    metrics["model_tflops"] = run.flops_per_image * metrics["images_per_s"] / run.world / 1e12  # per process
+    if run.device.type == "cuda":
+        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(run.device)[0]
+    return metrics, stop > 0
+
+
+def log_interval(run, metrics, bar):
+    """The interval's sample grid, demo figures and FID when due, then metrics.jsonl, wandb and the bar
+    (or, off a terminal, one plain line)."""
+    cfg, step, images = run.cfg, run.step, {}
+    if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
+        if run.master:
+            path = os.path.join(run.dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
+            write_sample_grid(run.models.G_ema, cfg, *run.grid, path, run.lazy, run.device, run.autocast)
+            images = {"samples": run.wandb.Image(path)} if run.wandb else {}
+        if run.judge:
+            metrics.update(run.judge.evaluate(run.models.G_ema))
+    if cfg.fid_every and step % cfg.fid_every == 0:
+        metrics["fid"] = training_fid(run.models.G_ema, cfg, run.rank, run.world, run.device, run.lazy, run.autocast)
+    if not run.master:
+        return
+    run.log.write(json.dumps(metrics) + "\n")
+    run.log.flush()
+    if run.wandb:
+        run.wandb.log(metrics | images, step=step)
+    shown = dict(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}", r1=f"{metrics['r1']:.3g}",
+                 img_s=f"{metrics['images_per_s']:.0f}") | ({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {})
+    if bar.disable:
+        print(f"step {step:,} ({metrics['minutes']:.1f} min): " + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+    else:
+        bar.set_postfix(**shown)
+
+
+def finish_run(run, stop_reason, minutes):
+    """Closes the logs, says where the checkpoint is, and for the demo prints what G learned."""
+    if run.master:
+        run.log.close()
+        if run.wandb:
+            run.wandb.finish()
+        print(f"stopped at step {run.step} ({stop_reason or 'done'}); checkpoint {run.latest}")
+        if run.judge:
+            summary = run.judge.evaluate(run.models.G_ema, final=True) | {"step": run.step, "minutes": minutes}
+            write_sample_grid(run.models.G_ema, run.cfg, *run.grid, os.path.join(run.dir, "digits_grid.png"), run.lazy,
+                              run.device, run.autocast)
+            print(run.judge.report(summary, run.step, minutes))
+            with open(os.path.join(run.dir, "demo_summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+    if dist.is_initialized():  # all ranks together: one that tears down while another still works can
+        dist.barrier()         # abort at exit (SIGABRT seen with gloo across torchrun nodes, torch 2.14)
+        dist.destroy_process_group()
+
+
+def train(cfg):
+    """The run: per step one train_step; at the end of each log interval (or of a grid, FID or checkpoint
+    step) the one host sync, the logs and evaluations, and a checkpoint when due. A signal or the time
+    budget ends it with a checkpoint; a NaN ends it without one, keeping the last good checkpoint."""
+    run = open_run(cfg)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    bar, sums, n_sum, stop_reason = progress_bar(cfg, run.step, run.master), {}, 0, None
+    t_start = t_last = t_bar = time.time()
+    due = lambda every: every and run.step % every == 0
+    for batch in batch_iterator(run.data, cfg, run.rank, run.world, run.step, run.device):
+        out = train_step(run.models, run.opt_G, run.opt_D, run.teacher, batch, cfg, run.autocast)
+        sums = {k: sums.get(k, 0) + v.float() for k, v in out.items()}  # on the device: no host sync
+        n_sum, run.step = n_sum + 1, run.step + 1
+        if cfg.max_minutes:  # the bar counts seconds of the budget, on the host clock: never a device wait
+            bar.set_description_str(f"step {run.step:,}", refresh=False)
+            bar.update(min(time.time() - t_bar, bar.total - bar.n))
+            t_bar = time.time()
+        else:
+            bar.update(1)
+        stop = STOP["signal"] or cfg.max_minutes and time.time() - t_start > 60 * cfg.max_minutes
+        if not (due(cfg.log_every) or due(cfg.ckpt_every) or due(cfg.snapshot_every) or due(cfg.sample_every)
+                or due(cfg.fid_every) or run.step == cfg.steps or (run.world == 1 and stop)):
+            continue
+        metrics, stop = sync_interval(run, sums, n_sum, time.time() - t_last, stop)
+        log_interval(run, metrics | {"minutes": (time.time() - t_start) / 60}, bar)
+        sums, n_sum, t_last = {}, 0, time.time()
+        if stop:
+            stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
+        if stop or due(cfg.ckpt_every) or due(cfg.snapshot_every) or run.step == cfg.steps:
+            save_checkpoint(run, snapshot=due(cfg.snapshot_every))
+        if stop:
+            break
+    bar.close()
+    finish_run(run, stop_reason, (time.time() - t_start) / 60)
+    return run.models.G_ema, run.step
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. Watching a run: a grid of EMA samples from fixed noise, and training-time FID as the authors monitor
+# it: FID-5K of the EMA G (fixed z, uniformly random classes) against reference statistics, every rank
+# generating and scoring its share. FID-5K is biased upward against FID-50K: use it for trends, not for
+# comparison with papers. (The digits demo's judge is fid.DigitsJudge.)
+# ------------------------------------------------------------------------------------------------
+GRID_COLUMNS = {"latent": 8, "pixel": 10}
+
+
 def save_grid(images, nrow, path, pad=1):
     """images: float [N, C, H, W] in [-1, 1] -> one PNG, nrow images per row, separated by grey lines."""
     from PIL import Image
@@ -1075,30 +1371,11 @@ def decode_latents(vae, latents, batch=32):
                       for i in range(0, len(latents), batch)])
 
 
-def load_vae(name, device, dtype=None):
-    """The SD-VAE (diffusers AutoencoderKL) by hub name or local folder; default dtype bf16 on GPU."""
-    from diffusers.models import AutoencoderKL
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:  # low_cpu_mem_usage=False: the same load, without the request to install `accelerate`
-        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
-    except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
-        where = ("is not a folder holding an AutoencoderKL" if os.path.exists(name) else
-                 "is neither a local folder nor a hub model available here (offline? not cached?)")
-        raise UserError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
-                         "AutoencoderKL.save_pretrained (offline: on a machine with internet run AutoencoderKL"
-                         ".from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(DIR), copy DIR over and "
-                         f"pass --vae DIR). Cause: {type(e).__name__}: {e}") from e
-    return vae.to(device).eval().requires_grad_(False)
-
-
 def lazy_vae(lazy, cfg, device):
     """The run's VAE, loaded on first use into the dict of lazily loaded models."""
     if "vae" not in lazy:
         lazy["vae"] = load_vae(cfg.vae, device)
     return lazy["vae"]
-
-
-GRID_COLUMNS = {"latent": 8, "pixel": 10}
 
 
 def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device, autocast):
@@ -1109,447 +1386,10 @@ def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device, autocast):
     save_grid(x, GRID_COLUMNS[cfg.data_kind], path)
 
 
-def build_models(cfg, device, pretrained_teacher=True):
-    """G, D, the EMA copy of G, and the frozen REPA teacher (None without REPA or in pixel space).
-    Recomputation is set afterwards (choose_recompute), once the models' sizes are known."""
-    G = build_generator(cfg).to(device)
-    use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
-    teacher = build_repa_teacher(cfg.repa_teacher, pretrained_teacher).to(device) if use_repa else None
-    D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
-                      repa_dim=teacher.embed_dim if use_repa else 0, fixed_pos_embed=cfg.fixed_pos_embed).to(device)
-    return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
-
-
-@dataclass
-class Models:
-    """G and D as each step calls them, and the plain modules underneath (for the optimisers, the EMA
-    and checkpoints). G and D run with gradients to be synchronised (DDP); G_fakes (the D step's fakes,
-    no grad) and D_frozen (the G step's critic: weights frozen, only the gradient to its input) run
-    outside DDP, since they make no weight gradients to synchronise."""
-    G: nn.Module
-    D: nn.Module
-    G_fakes: nn.Module
-    D_frozen: nn.Module
-    G_raw: nn.Module
-    D_raw: nn.Module
-    G_ema: nn.Module
-
-
-def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
-    """DDP (several processes) and torch.compile around G and D -> (Models, autocast)."""
-    G, D = G_raw, D_raw
-    if world > 1:
-        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
-        # beside them (4 GiB at XL)
-        ids = [device.index] if device.type == "cuda" else None
-        ddp = functools.partial(nn.parallel.DistributedDataParallel, device_ids=ids, broadcast_buffers=False,
-                                gradient_as_bucket_view=True)
-        G, D = ddp(G_raw), ddp(D_raw)
-    models = Models(G=G, D=D, G_fakes=G_raw, D_frozen=D_raw, G_raw=G_raw, D_raw=D_raw, G_ema=G_ema)
-    if cfg.compile:
-        # dynamic=False: each call site keeps its own static graphs (D sees 4B rows in the D step and B
-        # in the G step; a shared cache would recompile both with a symbolic batch)
-        compile_ = functools.partial(torch.compile, dynamic=False)
-        models.G, models.D, models.G_fakes, models.D_frozen = map(compile_, (G, D, G_raw, D_raw))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
-    return models, autocast
-
-
-def use_bf16(cfg, device):
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
-
-def set_tf32(allowed):
-    """TF32 (a 10-bit mantissa) for the fp32 matmuls and convolutions left outside bf16 autocast, where
-    the run is bf16 anyway; --precision fp32 is then IEEE fp32, as asked."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-
-
-def progress_bar(cfg, step, master, terminal=None):
-    """A bar on rank 0 in a terminal. With a time budget the clock decides when the run ends: a bar over
-    the budget's seconds with the step count in front (a bar over --steps would show 100,000 steps and a
-    wrong ETA); else over steps. Redirected to a file (nohup, SLURM), where each redraw would stay in the
-    log, there is no bar: evaluate_and_log prints one plain line per log interval instead."""
-    from tqdm import tqdm
-    off = not master or not (sys.stderr.isatty() if terminal is None else terminal)
-    if cfg.max_minutes:
-        return tqdm(total=round(cfg.max_minutes * 60), disable=off, dynamic_ncols=True,
-                    bar_format="{desc} |{bar}| {elapsed} of the " + f"{cfg.max_minutes:g}-minute budget" + "{postfix}")
-    return tqdm(total=cfg.steps, initial=step, disable=off, dynamic_ncols=True)
-
-
-def start_wandb(cfg, run_dir, world):
-    """The wandb run of this run dir (its name; its id kept in the run dir, so a resume continues the same
-    wandb run); files in <run dir>/wandb. -> the wandb module, for log / Image / finish."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError(f"--wandb {cfg.wandb} needs the wandb package: pip install wandb") from None
-    id_path = os.path.join(run_dir, "wandb_id.txt")
-    if not os.path.isfile(id_path):
-        with open(id_path, "w") as f:
-            f.write(os.urandom(8).hex())  # any unique string names a wandb run
-    with open(id_path) as f:
-        run_id = f.read().strip()
-    wandb.init(project=cfg.wandb, name=os.path.basename(run_dir), id=run_id, resume="allow", dir=run_dir,
-               config=dataclasses.asdict(cfg) | {"world_size": world})
-    return wandb
-
-
-def open_run(cfg):
-    """Everything a run needs before its first step, as one namespace: the processes, the data, the run
-    dir, the models and optimisers (restored from the checkpoint on a resume), recomputation, the DDP /
-    compile wrappers, the fixed grid noise and the demo's judge."""
-    r = types.SimpleNamespace(cfg=cfg)
-    r.rank, r.world, r.device = setup_distributed(cfg)
-    r.master = r.rank == 0
-    tune_cpu_malloc(r.device)
-    set_tf32(use_bf16(cfg, r.device))
-    r.data = prepare_data(cfg)
-    check_batch_size(cfg, len(r.data["x"]) if cfg.data_kind == "pixel" else len(r.data["index"]), r.world)
-    r.run_dir = os.path.join(cfg.results, cfg.name)
-    r.ckpt_dir = os.path.join(r.run_dir, "checkpoints")
-    resume_path, ckpt = find_resume(cfg, r.ckpt_dir, r.world), None
-    if cfg.repa_weight > 0 and cfg.data_kind == "latent":
-        import timm  # noqa: F401 (the teacher's library is part of the runtime measured next)
-    outside = memory_outside_tensors(r.device, r.world)  # after NCCL's start (find_resume), before any model
-    if resume_path:
-        ckpt = load_checkpoint(resume_path)  # read and checked before anything is written
-        check_compatible(ckpt["config"], cfg, resume_path)
-    if r.master:
-        try:
-            os.makedirs(r.ckpt_dir, exist_ok=True)
-            with open(os.path.join(r.run_dir, "config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg) | {"world_size": r.world}, f, indent=2)
-        except OSError as e:
-            raise UserError(f"--results {cfg.results!r}: cannot write the run folder {r.run_dir} ({e.strerror or e}); "
-                            "give a writable folder") from e
-
-    torch.default_generator.manual_seed(cfg.seed)  # identical initial weights on every rank (built on the CPU)
-    r.G_raw, r.D_raw, r.G_ema, r.teacher = build_models(cfg, r.device)
-    r.opt_G, r.opt_D = make_optimizer(r.G_raw, cfg), make_optimizer(r.D_raw, cfg)
-    r.step = restore(r, ckpt, resume_path) if ckpt else 0
-    if not ckpt:
-        seed_streams(cfg.seed * 1000 + r.rank + 1, r.device)  # each rank its own z, augmentation and noise
-    r.memory_line, _ = setup_recompute(cfg, r.G_raw, r.D_raw, r.teacher, r.device, r.world, outside)
-    r.models, r.autocast = wrap_models(r.G_raw, r.D_raw, r.G_ema, cfg, r.world, r.device)
-    r.lazy = {}  # models loaded on first use: the VAE, the Inception network and FID reference stats
-    if r.master and cfg.data_kind == "latent":  # fail now, not at the first sample grid hours later
-        lazy_vae(r.lazy, cfg, r.device)
-    r.flops_per_image = model_flops(cfg, r.teacher)["per_iteration"]  # for the logged TFLOP/s and MFU
-
-    # the sample grid: rows = classes (the authors' eight ImageNet classes, or the first ten), columns = z
-    grid_classes = [207, 360, 387, 974, 88, 979, 417, 279] if cfg.num_classes == 1000 else list(range(min(cfg.num_classes, 10)))
-    r.grid_y = torch.tensor(grid_classes).repeat_interleave(GRID_COLUMNS[cfg.data_kind])
-    r.grid_z = torch.randn(len(r.grid_y), cfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed))
-    with torch.random.fork_rng(devices=[]):  # the judge neither shifts the run's CPU stream nor depends on it
-        torch.default_generator.manual_seed(0)  # the CPU's only: fork_rng(devices=[]) restores no GPU stream
-        r.judge = DigitsJudge(r.data, r.device) if cfg.data_kind == "pixel" else None
-    r.log_file = open(os.path.join(r.run_dir, "metrics.jsonl"), "a") if r.master else None
-    r.wb = start_wandb(cfg, r.run_dir, r.world) if r.master and cfg.wandb else None
-    return r
-
-
-def find_resume(cfg, ckpt_dir, world):
-    """The checkpoint this run resumes from, or None. Rank 0 decides, from its own disk, and every rank
-    must then see that file: a rank that decided alone (a node without the checkpoint) would start at
-    step 0 beside resumed ones, and the job would hang in mismatched collectives."""
-    path = {"auto": os.path.join(ckpt_dir, "latest.pt"), "none": None}.get(cfg.resume, cfg.resume)
-    if cfg.resume == "auto" and not os.path.isfile(path):
-        path = None
-    if world > 1:
-        decided = [path]
-        dist.broadcast_object_list(decided, src=0)
-        path, seen = decided[0], [None] * world
-        dist.all_gather_object(seen, path is None or os.path.isfile(path))
-        if not all(seen):
-            blind = [rank for rank, ok in enumerate(seen) if not ok]
-            raise UserError(f"rank 0 resumes from '{path}', which rank(s) {blind} cannot see: --results must be a "
-                            "folder shared by all nodes (a network file system), or copy the run's checkpoints/ "
-                            "to every node before resuming")
-    return path
-
-
-def restore(r, ckpt, path):
-    """Models, EMA, optimisers and every rank's random state from a checkpoint -> its step."""
-    r.G_raw.load_state_dict(ckpt["G"]), r.D_raw.load_state_dict(ckpt["D"]), r.G_ema.load_state_dict(ckpt["G_ema"])
-    r.opt_G.load_state_dict(ckpt["opt_G"]), r.opt_D.load_state_dict(ckpt["opt_D"])
-    if len(ckpt["rng"]) == r.world:
-        set_rng_state(ckpt["rng"][r.rank], r.device)
-    else:  # a different world size cannot continue the same random streams
-        seed_streams(r.cfg.seed + 1000 * ckpt["step"] + r.rank, r.device)
-    if r.master:
-        print(f"resumed from {path} at step {ckpt['step']}")
-    return ckpt["step"]
-
-
-def save_checkpoint(r, path):
-    """Called on every rank (each contributes its random state); rank 0 writes, atomically."""
-    state = dict(format=CKPT_FORMAT, config=dataclasses.asdict(r.cfg), step=r.step, G=r.G_raw.state_dict(),
-                 D=r.D_raw.state_dict(), G_ema=r.G_ema.state_dict(), opt_G=r.opt_G.state_dict(), opt_D=r.opt_D.state_dict())
-    rngs = [None] * r.world
-    if r.world > 1:
-        dist.all_gather_object(rngs, rng_state(r.device))
-    else:
-        rngs = [rng_state(r.device)]
-    if r.master:
-        atomic_save(state | {"rng": [{k: v.cpu() for k, v in s.items()} for s in rngs]}, path)
-
-
-def print_run_start(r):
-    cfg, G, D = r.cfg, r.G_raw, r.D_raw
-    print(f"GAT-{cfg.size}/{cfg.patch}: G {count_params(G):,} and D {count_params(D):,} trainable parameters; "
-          f"lr G {width_aware_lr(G.width, cfg.base_lr):.3g}, D {width_aware_lr(D.width, cfg.base_lr):.3g}; "
-          f"{r.world} process(es) on {r.device}, {'bf16' if use_bf16(cfg, r.device) else 'fp32'}; run dir {r.run_dir}")
-    print(r.memory_line)
-    print(f"stops at step {cfg.steps:,}" + (f" or after {cfg.max_minutes:g} minutes, whichever comes first"
-                                             if cfg.max_minutes else "") + "; Ctrl-C saves a checkpoint and stops"
-          + ("; then the demo prints what G learned" if r.judge is not None else ""))
-
-
-def sync_interval(r, sums, n_sum, elapsed, timed_out, step_last):
-    """The one host sync of a logging interval: the interval's mean metrics over steps and ranks, the
-    NaN check and the stop flag (any rank's signal or clock stops every rank) -> (metrics, stop)."""
-    names = sorted(sums)
-    vec = torch.stack([sums[k] / n_sum for k in names]
-                      + [torch.tensor(float(bool(STOP["signal"]) or bool(timed_out)), device=r.device)])
-    if r.world > 1:
-        dist.all_reduce(vec)
-        vec[:-1] /= r.world
-    vals = vec.tolist()
-    metrics = dict(zip(names, vals[:-1]))
-    if not all(math.isfinite(v) for v in metrics.values()):
-        bad = ", ".join(k for k, v in metrics.items() if not math.isfinite(v))
-        raise FloatingPointError(
-            f"non-finite values ({bad}) between steps {step_last} and {r.step}: the run stopped. "
-            f"The last good checkpoint is kept untouched in {r.ckpt_dir}; resume from it with a lower "
-            "--base-lr or other changes.")
-    metrics.update(step=r.step, lr_G=r.opt_G.param_groups[0]["lr"], lr_D=r.opt_D.param_groups[0]["lr"],
-                   images_per_s=n_sum * r.cfg.batch_size / max(elapsed, 1e-9))
-    metrics["model_tflops"] = r.flops_per_image * metrics["images_per_s"] / r.world / 1e12  # per process
-    if r.device.type == "cuda":
-        metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(r.device) / 2**30
-        metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(r.device)[0]
-    return metrics, vals[-1] > 0
-
-
-def evaluate_and_log(r, metrics, bar):
-    """The interval's sample grid, demo figures and FID when due, then metrics.jsonl, wandb and the bar."""
-    cfg, step, wb_images = r.cfg, r.step, {}
-    if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
-        if r.master:
-            grid_path = os.path.join(r.run_dir, f"samples_{step:07d}_trunc{cfg.sample_truncation:g}.png")
-            write_sample_grid(r.G_ema, cfg, r.grid_z, r.grid_y, grid_path, r.lazy, r.device, r.autocast)
-            wb_images = {"samples": r.wb.Image(grid_path)} if r.wb else {}
-        if r.judge is not None:
-            metrics.update(r.judge.evaluate(r.G_ema))
-    if cfg.fid_every and step % cfg.fid_every == 0:
-        fid_value = training_fid(r.G_ema, cfg, r.rank, r.world, r.device, r.lazy, r.autocast)
-        if r.master:
-            metrics["fid"] = fid_value
-    if r.master:
-        r.log_file.write(json.dumps(metrics) + "\n")
-        r.log_file.flush()
-        if r.wb:
-            r.wb.log(metrics | wb_images, step=step)
-        shown = dict(D=f"{metrics['loss_D']:.3f}", G=f"{metrics['loss_G']:.3f}", r1=f"{metrics['r1']:.3g}",
-                     img_s=f"{metrics['images_per_s']:.0f}", **({"mfu": f"{metrics['mfu']:.0%}"} if "mfu" in metrics else {}))
-        if bar.disable:  # not a terminal: one plain line per interval
-            print(f"step {step:,} ({metrics['minutes']:.1f} min): " + ", ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
-        else:
-            bar.set_postfix(**shown)
-
-
-def keep_snapshot(r):
-    """A kept copy of latest.pt as checkpoints/<step>.pt, made the same atomic way."""
-    import shutil
-    snap = os.path.join(r.ckpt_dir, f"{r.step:07d}.pt")
-    shutil.copyfile(os.path.join(r.ckpt_dir, "latest.pt"), f"{snap}.tmp.{os.getpid()}")
-    os.replace(f"{snap}.tmp.{os.getpid()}", snap)
-
-
-def finish_run(r, stop_reason, t_start):
-    """Closes the logs, reports where the checkpoint is, and for the demo prints what G learned."""
-    if r.master:
-        r.log_file.close()
-        if r.wb:
-            r.wb.finish()
-        print(f"stopped at step {r.step} ({stop_reason or 'done'}); checkpoint {os.path.join(r.ckpt_dir, 'latest.pt')}")
-    if r.judge is not None and r.master:
-        summary = r.judge.evaluate(r.G_ema, final=True)
-        write_sample_grid(r.G_ema, r.cfg, r.grid_z, r.grid_y, os.path.join(r.run_dir, "digits_grid.png"), r.lazy, r.device,
-                          r.autocast)
-        print(r.judge.report(summary, r.step, (time.time() - t_start) / 60))
-        with open(os.path.join(r.run_dir, "demo_summary.json"), "w") as f:
-            json.dump(summary | {"step": r.step, "minutes": (time.time() - t_start) / 60}, f, indent=2)
-    if dist.is_initialized():  # all ranks together: one that tears down while another still works can
-        dist.barrier()         # abort at exit (SIGABRT seen with gloo across torchrun nodes, torch 2.14)
-        dist.destroy_process_group()
-
-
-def train(cfg):
-    """The run: open it, then per step one train_step; every few steps (an interval) the one host sync,
-    the evaluations and logs, a checkpoint when due; a signal or the time budget ends it with one."""
-    r = open_run(cfg)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    if r.master:
-        print_run_start(r)
-    sums, n_sum, t_last, t_start, step_last, stop_reason = {}, 0, time.time(), time.time(), r.step, None
-    bar, t_bar = progress_bar(cfg, r.step, r.master), time.time()
-    for batch in batch_iterator(r.data, cfg, r.rank, r.world, r.step, r.device):
-        out = train_step(r.models, r.opt_G, r.opt_D, r.teacher, batch, cfg, r.autocast)
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0) + v.float()  # on the device: no host sync inside an interval
-        n_sum += 1
-        r.step += 1
-        step = r.step
-        if cfg.max_minutes:  # host clock only: the bar never waits on the device
-            bar.set_description_str(f"step {step:,}", refresh=False)
-            bar.update(min(time.time() - t_bar, bar.total - bar.n))
-            t_bar = time.time()
-        else:
-            bar.update(1)
-        timed_out = cfg.max_minutes and (time.time() - t_start) / 60 > cfg.max_minutes
-        snapshot = cfg.snapshot_every and step % cfg.snapshot_every == 0
-        periodic_ckpt = cfg.ckpt_every and step % cfg.ckpt_every == 0
-        if not (step % cfg.log_every == 0 or periodic_ckpt or step == cfg.steps or snapshot
-                or (r.world == 1 and (STOP["signal"] or timed_out))
-                or (cfg.sample_every and step % cfg.sample_every == 0) or (cfg.fid_every and step % cfg.fid_every == 0)):
-            continue
-        metrics, stop = sync_interval(r, sums, n_sum, time.time() - t_last, timed_out, step_last)
-        metrics["minutes"] = (time.time() - t_start) / 60
-        evaluate_and_log(r, metrics, bar)
-        sums, n_sum, t_last, step_last = {}, 0, time.time(), step
-        if stop:
-            stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
-        if periodic_ckpt or snapshot or stop_reason or step == cfg.steps:
-            save_checkpoint(r, os.path.join(r.ckpt_dir, "latest.pt"))
-        if snapshot and r.master:
-            keep_snapshot(r)
-        if stop_reason:
-            break
-    bar.close()
-    finish_run(r, stop_reason, t_start)
-    return r.G_ema, r.step
-
-
-def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ------------------------------------------------------------------------------------------------
-# 12. Demo evaluation. Class agreement alone cannot see mode collapse, so the digits demo reports
-# three figures side by side, each with what real data scores: the share of samples a judge classifier
-# assigns to the conditioning class; the within-class spread (mean distance to the class centroid,
-# generated / real: 1 = as varied as real digits, ~0 = one image per class); and Frechet distances
-# in pixel space and in the judge's feature space, with the real-vs-real floor and the score of the
-# ten class-mean images repeated (what a fully collapsed G would get). Spread and FD can look healthy
-# while G draws from a third of the digits' variety; the k-NN precision and recall (Kynkaanniemi et
-# al. 2019, k = 3, pixel space, 500 samples vs the 500 held-out digits) separate "good digits" from
-# "all the kinds of digits", beside what 500 real training digits score.
-# ------------------------------------------------------------------------------------------------
-def frechet_distance(a, b):
-    """Frechet distance between Gaussians fitted to two sets of row vectors (fid.py's float64 math)."""
-    return fid.frechet_distance(*fid.stats_from_features(a), *fid.stats_from_features(b))
-
-
-def class_spread(x, y, num_classes):
-    """Mean Euclidean distance of each sample to its class centroid."""
-    return float(np.mean([np.linalg.norm(x[y == c] - x[y == c].mean(0), axis=1).mean()
-                          for c in range(num_classes) if (y == c).sum() > 1]))
-
-
-class DigitsJudge:
-    """A small MLP classifier trained on the held-out real digits (which the GAN never sees); its
-    hidden layer is the feature space of the feature Frechet distance."""
-
-    COLLAPSED_BELOW = 0.5  # spread of collapsed prototypes: 0.27-0.41; of working runs: 0.7 and more
-
-    def __init__(self, data, device, n_samples=1000):
-        self.data, self.device, self.n = data, device, n_samples
-        gen = torch.Generator().manual_seed(0)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                                 nn.Linear(256, 10))
-        opt = torch.optim.Adam(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
-        x, y = data["x_held"], data["y_held"]
-        with torch.enable_grad():
-            for _ in range(400):
-                noisy = x + 0.1 * torch.randn(x.shape, generator=gen)  # a little robustness to GAN artefacts
-                loss = F.cross_entropy(self.net(noisy), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.net.eval().requires_grad_(False)
-        self.accuracy = float((self.net(data["x"]).argmax(1) == data["y"]).float().mean())  # on the GAN's split
-        self.y_eval = torch.arange(self.n) % 10
-        self.z_eval = torch.randn(self.n, 64, generator=torch.Generator().manual_seed(1))
-        real, held = self._pix(data["x"]), self._pix(x)
-        means = np.stack([held[data["y_held"].numpy() == c].mean(0) for c in range(10)])
-        collapsed = means[np.arange(len(real)) % 10]
-        self.real = dict(pix=real, feat=self.features(data["x"]), y=data["y"].numpy())
-        self.held = dict(pix=held, feat=self.features(x), y=data["y_held"].numpy())
-        self.floor = dict(fd_pixel=frechet_distance(real, held), fd_feature=frechet_distance(self.real["feat"], self.held["feat"]))
-        col_t = torch.tensor(collapsed, dtype=torch.float32).view(-1, 1, 8, 8) / 8 - 1
-        self.collapsed = dict(fd_pixel=frechet_distance(collapsed, held), fd_feature=frechet_distance(self.features(col_t), self.held["feat"]))
-        self.real_spread = class_spread(held, self.held["y"], 10)
-        pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(2))[:self.PR_N].numpy()
-        self.floor["precision"], self.floor["recall"] = self.precision_recall(real[pick])
-
-    PR_N = 500  # samples on each side of the precision/recall
-
-    def precision_recall(self, pix):
-        return fid.precision_recall(self.held["pix"][:self.PR_N], pix[:self.PR_N], k=3)
-
-    @staticmethod
-    def _pix(x):
-        return ((x.flatten(1) + 1) * 8).numpy()  # back to the digits' 0..16 scale, [N, 64]
-
-    def features(self, x):
-        return self.net[:-1](x).numpy()
-
-    @torch.no_grad()
-    def evaluate(self, G, final=False):
-        x = G.generate(self.z_eval[:, :G.z_dim].to(self.device), self.y_eval.to(self.device)).float().cpu().clamp(-1, 1)
-        pix = self._pix(x)
-        out = dict(agreement=float((self.net(x).argmax(1) == self.y_eval).float().mean()),
-                   spread=class_spread(pix, self.y_eval.numpy(), 10) / self.real_spread,
-                   fd_pixel=frechet_distance(pix, self.held["pix"]),
-                   fd_feature=frechet_distance(self.features(x), self.held["feat"]))
-        out["precision"], out["recall"] = self.precision_recall(pix)  # z_eval's first 500: 50 per class
-        out["collapsed"] = out["spread"] < self.COLLAPSED_BELOW
-        if final:
-            out.update(judge_accuracy=self.accuracy, fd_pixel_real_floor=self.floor["fd_pixel"],
-                       fd_feature_real_floor=self.floor["fd_feature"], fd_pixel_class_means=self.collapsed["fd_pixel"],
-                       fd_feature_class_means=self.collapsed["fd_feature"], precision_real=self.floor["precision"],
-                       recall_real=self.floor["recall"])
-        return out
-
-    def report(self, s, step, minutes):
-        return (f"digits demo after {step} iterations, {minutes:.1f} min:\n"
-                f"  class agreement   {s['agreement']:.1%}   (judge's accuracy on real digits {s['judge_accuracy']:.1%})\n"
-                f"  within-class spread {s['spread']:.2f} x real   (1.0 = as varied as real; below {self.COLLAPSED_BELOW} = "
-                f"collapsed){'   <- COLLAPSED: G draws about one digit per class whatever z is' if s['collapsed'] else ''}\n"
-                f"  pixel FD          {s['fd_pixel']:.1f}   (real vs held-out real {s['fd_pixel_real_floor']:.1f}; "
-                f"class means repeated {s['fd_pixel_class_means']:.1f})\n"
-                f"  feature FD        {s['fd_feature']:.2f}   (real vs held-out real {s['fd_feature_real_floor']:.2f}; "
-                f"class means repeated {s['fd_feature_class_means']:.2f})\n"
-                f"  precision         {s['precision']:.2f}   (real vs held-out real {s['precision_real']:.2f}; the share of "
-                "samples that look like some real digit)\n"
-                f"  recall            {s['recall']:.2f}   (real vs held-out real {s['recall_real']:.2f}; the share of "
-                "real digits that some sample looks like)")
-
-
-# ------------------------------------------------------------------------------------------------
-# 13. Training-time FID, as the authors monitor it: FID-5K of the EMA G (fixed z and uniformly random
-# classes) against reference statistics. Every rank generates and scores its share and the features
-# are all-gathered, so no rank waits on another beyond the gather itself. FID-5K is biased upward
-# against FID-50K: use it for trends, not for comparison with papers.
-# ------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
-    """-> the FID on rank 0 (the others return None: the statistics and the 2048x2048 matrix square root
-    are computed once, not on every rank)."""
+    """-> the FID on rank 0; None on the others (the statistics and the 2048x2048 matrix square root are
+    computed once, from the all-gathered features)."""
     if "inception" not in lazy:
         lazy["inception"] = fid.load_inception(cfg.fid_inception or None, device=device)
         lazy["fid_ref"] = fid.load_stats(cfg.fid_ref)
@@ -1569,35 +1409,27 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
     feats = fid.all_gather_rows(torch.cat(feats))
     if rank != 0:
         return None
-    mu, sigma = fid.stats_from_features(feats)
     ref = lazy["fid_ref"]
-    return fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    return fid.frechet_distance(*fid.stats_from_features(feats), ref["mu"], ref["sigma"])
 
 
 # ------------------------------------------------------------------------------------------------
-# 14. Memory: what one process holds, counted from the ops (what each saves for backward) and measured
-# where the allocator cannot be counted (the runtime, the CUDA context), and the choice of the blocks that
-# --grad-ckpt auto recomputes so that the estimate fits the device.
+# 13. Memory, and the blocks --grad-ckpt auto recomputes so that one process fits its device. Tensors
+# are counted from what each op saves for backward (test_gat.py holds the count to autograd's own), per
+# row (sample) and block: under bf16 autocast the residual stream and RMSNorm's inputs stay fp32 and the
+# matmuls keep bf16 copies of their inputs and weights. The D step's D sees 4B rows; the G step keeps G
+# at B rows plus D frozen (only what the gradient to its input needs) at B rows; a recomputed block
+# keeps only its fp32 input. What no count sees (the runtime, the CUDA context, NCCL) is measured.
 # ------------------------------------------------------------------------------------------------
-# Activation memory: bytes are counted from what each op saves for backward (verified op by op with
-# torch.autograd.graph.saved_tensors_hooks on CPU, test_gat.py), per row (sample) and block. Under bf16
-# autocast the residual stream and RMSNorm (an fp32-listed op: its inputs are upcast) stay fp32 and the
-# matmuls keep bf16 copies of their inputs and of the weights. The D step's D forward sees 4B rows
-# [real, real nudged, fake, fake nudged]; the G step keeps G's blocks at B rows plus D's (frozen:
-# only what the gradient to its input needs) at B rows. A recomputed block keeps only its fp32 input.
 TEACHER_SHAPE = dict(params=85_724_928, width=768, tokens=257)  # DINOv2 ViT-B/14 at 224 px (REPA_TEACHER)
 
 
 def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
-    """Bytes one row leaves saved in one transformer block of T tokens, width C, H heads. Full (D step,
-    G step's G), fp32: 12 [T, C] tensors (norm1 input and output, qkv's 3, q and k rotated, attention
-    output = proj input, proj output, norm2's input and output, FFN output; G's weightless, modulated
-    norms also keep their normalised tensors, 2 more) and 3 [T, hidden] (w12's 2, the gated product;
-    SiLUGate recomputes SiLU). bf16: 2 fp32 [T, C] (the norms' fp32 inputs; G's normalised copies, 2
-    more) and 10 bf16 ones, 3 bf16 [T, hidden]. Math attention returns head-major: proj's input is one
-    more copy. frozen (D in the G step): 8 / 2 in fp32, 2 fp32 + 6 bf16 / 2 bf16 in
-    bf16. modulated (G): its scale/gate vectors. Counted on CPU, where a test holds it to autograd's
-    own count."""
+    """Bytes one row leaves saved in one block of T tokens, width C, H heads. fp32: 12 [T, C] tensors
+    (norm1 in and out, qkv's 3, q and k rotated, attention out = proj in, proj out, norm2 in and out, FFN
+    out; G's modulated norms 2 more) and 3 [T, hidden] (w12's 2, the gated product). bf16: 2 fp32 [T, C]
+    (the norms' inputs; G's 2 more) and 10 bf16, 3 bf16 [T, hidden]. Math attention returns head-major:
+    one more copy. frozen (D in the G step): 8 / 2 in fp32, 2 fp32 + 6 bf16 / 2 bf16 in bf16."""
     F_ = int(2 / 3 * 4 * C)
     stats = 4 * (2 * T + 3 * H * T)  # RMSNorm, q/k-norm reciprocal RMS and attention log-sum-exp: fp32
     if bf16:
@@ -1624,9 +1456,9 @@ def weight_copies(model, bf16):
 
 
 def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher=None):
-    """Estimated bytes per process -> dict of parts and the peak. rows: the per-rank batch of one
-    forward (batch_size / world, per_rank_rows); ckpt: blocks recomputed in (D, G). G and D may live on
-    the meta device (sizes only). teacher: the REPA teacher module, TEACHER_SHAPE's dict, or None."""
+    """Estimated tensor bytes per process -> dict of parts and the peak. rows: one forward's batch
+    (per_rank_rows); ckpt: blocks recomputed in (D, G); G and D may be on the meta device; teacher: the
+    REPA teacher, TEACHER_SHAPE, or None."""
     m = MODEL_SIZES[cfg.size]
     depth, C, H = m["depth"], m["width"], m["heads"]
     T, P, K = (cfg.input_size // cfg.patch) ** 2, m["proj_dim"], cfg.num_levels
@@ -1665,8 +1497,7 @@ def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher
 
 
 def parse_grad_ckpt(value, depth):
-    """--grad-ckpt -> blocks recomputed per model, None for auto (a check for validate_config). Old
-    checkpoints stored a bool."""
+    """--grad-ckpt -> blocks recomputed per model, None for auto (old checkpoints stored a bool)."""
     if isinstance(value, bool):
         return depth if value else 0
     if value in ("auto", "off", "all"):
@@ -1676,18 +1507,15 @@ def parse_grad_ckpt(value, depth):
     raise UserError(f"--grad-ckpt {value!r}: expected auto, off, all or a number of blocks 0..{depth} per model")
 
 
-# What the allocator holds beyond the step's live tensors (the weights, gradients and AdamW state are
-# allocated once and stay): on a CPU the freed blocks glibc keeps for reuse (tune_cpu_malloc) and their
-# fragmentation; on a GPU the caching allocator's reserved beyond allocated. test_gat.py holds the device
-# figure within 15% of the peak RSS here and of the reserved memory on a GPU.
+# What the allocator holds beyond the step's live tensors: on a CPU the freed blocks malloc keeps and
+# their fragmentation; on a GPU the caching allocator's reserved beyond allocated (test_gat.py holds the
+# device figure within 15% of the peak RSS on a CPU, of the reserved memory on a GPU).
 ALLOCATOR_SLACK = {"cuda": 0.15, "cpu": 0.60}
 
 
 def memory_outside_tensors(device, world):
-    """Bytes this process holds before its tensors, measured at the start of a run: on a GPU the CUDA
-    context, NCCL's buffers, and other processes' memory on the device (its used memory less what
-    torch has reserved); on a CPU the process's resident runtime (Python, torch and its libraries).
-    The ranks' largest figure, so that every rank decides alike."""
+    """Bytes held before any tensor, the ranks' largest (so that all decide alike): on a GPU the CUDA
+    context, NCCL and other processes (used memory less torch's reserved); on a CPU the runtime's RSS."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         held = total - free - torch.cuda.memory_reserved(device)
@@ -1701,25 +1529,23 @@ def memory_outside_tensors(device, world):
 
 
 def process_memory(key):
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes. (getrusage's
-    ru_maxrss would also count a parent's memory at the fork that started this process.)"""
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes (getrusage's
+    ru_maxrss would also count a parent's memory at the fork)."""
     with open("/proc/self/status") as f:
         return 1024 * int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1))
 
 
 def device_figure(est, outside, device):
-    """The estimate as the device sees it: what it holds outside the tensors, the persistent tensors,
-    and the step's tensors with the allocator's slack on them (free blocks it keeps, fragmentation
-    between the 4B-row D step and the B-row G step)."""
+    """The estimate as the device sees it: what is held outside the tensors, the persistent tensors, and
+    the step's tensors with the allocator's slack on them."""
     step = est["peak"] - est["persistent"]
     return outside + est["persistent"] + step * (1 + ALLOCATOR_SLACK[device.type])
 
 
 def memory_budget(device, outside):
-    """(bytes the device figure may reach, how they were found). CUDA: 95% of the device's total (the
-    total, not the free memory, so that every rank decides alike; what is held outside the tensors is
-    in the device figure). CPU: 90% of MemAvailable shared by this host's processes, plus what this
-    process held when it was measured (no longer available)."""
+    """(bytes the device figure may reach, how found). CUDA: 95% of the total (not the free memory: every
+    rank decides alike). CPU: 90% of MemAvailable shared by the host's processes, plus what this process
+    held when measured."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         return 0.95 * total, f"95% of {device}'s {total / 2**30:.1f} GiB"
@@ -1730,9 +1556,8 @@ def memory_budget(device, outside):
 
 
 def choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device):
-    """(blocks recomputed in D, in G), estimate. auto: the fewest for the device figure to fit the
-    budget, D's first (its 4B rows make the D step the peak), then G's; everything if even that does
-    not fit."""
+    """(blocks recomputed in D, in G), estimate. auto: the fewest for the device figure to fit, D's first
+    (its 4B rows make the D step the peak), then G's; everything if even that does not fit."""
     depth = MODEL_SIZES[cfg.size]["depth"]
     n = parse_grad_ckpt(cfg.grad_ckpt, depth)
     options = [(n, n)] if n is not None else [(d, 0) for d in range(depth + 1)] + [(depth, g) for g in range(1, depth + 1)]
@@ -1750,8 +1575,7 @@ def per_rank_rows(cfg, world):
 
 
 def setup_recompute(cfg, G, D, teacher, device, world, outside):
-    """Chooses and sets the blocks G and D recompute -> (the line that says what and why, estimate).
-    outside: memory_outside_tensors, measured before the models were built."""
+    """Chooses and sets the blocks G and D recompute -> (the line that says what and why, estimate)."""
     bf16, rows = use_bf16(cfg, device), per_rank_rows(cfg, world)
     budget, how = memory_budget(device, outside)
     (nd, ng), est = choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device)
@@ -1769,9 +1593,10 @@ def setup_recompute(cfg, G, D, teacher, device, world, outside):
 
 
 # ------------------------------------------------------------------------------------------------
-# 15. Benchmark: full training iterations on random data of the real shapes, timed after warm-up,
-# with model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so MFU says
-# how much of the device's matmul peak the step turns into model arithmetic.
+# 14. Benchmark: full training iterations on random data of the real shapes, timed after warm-up, with
+# model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so that MFU says how
+# much of the device's matmul peak the step turns into model arithmetic; the memory estimate beside the
+# measured peak; and the rates of the data loader and of sampling.
 # ------------------------------------------------------------------------------------------------
 GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
 
@@ -1786,37 +1611,34 @@ def gpu_peak_flops(device):
 
 
 def vit_forward_flops(depth, width, tokens, ffn_hidden, ffn_matrices=3, extra=0):
-    """Matmul FLOPs of one sample through `depth` pre-norm blocks (qkv, attention, proj, FFN with 3
-    hidden-sized matrices for SwiGLU or 2 for a GELU MLP), plus `extra`."""
+    """Matmul FLOPs of one sample through `depth` blocks (qkv, attention, proj, an FFN of 3 hidden-sized
+    matrices for SwiGLU or 2 for a GELU MLP), plus `extra`."""
     attn = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width + 2 * tokens * width * width
     return depth * (attn + 2 * tokens * width * ffn_hidden * ffn_matrices) + extra
 
 
 def model_flops(cfg, teacher=None):
-    """Per-sample forward FLOPs of G, D (on one 4-level input), the REPA projector and the teacher,
-    and the per-iteration total: D step = G fwd (no grad) + D fwd/bwd over the 4B batch + teacher +
-    projector fwd/bwd; G step = G fwd/bwd + D fwd (reals, no grad) + D fwd/bwd-to-input (fakes)."""
+    """Per-sample forward FLOPs of G, D (on one K-level input), the REPA projector and the teacher, and
+    the per-iteration total: D step = G fwd (no grad) + D fwd/bwd over 4B + teacher + projector fwd/bwd;
+    G step = G fwd/bwd + D fwd (reals, no grad) + D fwd/bwd-to-input (fakes)."""
     m = MODEL_SIZES[cfg.size]
-    C, P, T = m["width"], m["proj_dim"], (cfg.input_size // cfg.patch) ** 2
-    hidden = int(2 / 3 * 4 * C)
+    C, P, T, patch_pixels = m["width"], m["proj_dim"], (cfg.input_size // cfg.patch) ** 2, cfg.patch ** 2 * cfg.channels
     mod = 2 * C * 4 * C * m["depth"] + cfg.num_levels * 2 * C * C  # per-sample modulation
-    heads = cfg.num_levels * 2 * T * C * cfg.patch ** 2 * cfg.channels
-    g = vit_forward_flops(m["depth"], C, T, hidden, extra=heads + mod + 2 * (2 * cfg.z_dim * C + C * C))
-    d = vit_forward_flops(m["depth"], C, T + 1, hidden, extra=2 * T * cfg.num_levels * cfg.channels * cfg.patch ** 2 * C
+    g = vit_forward_flops(m["depth"], C, T, int(8 / 3 * C), extra=cfg.num_levels * 2 * T * C * patch_pixels + mod
+                          + 2 * (2 * cfg.z_dim * C + C * C))
+    d = vit_forward_flops(m["depth"], C, T + 1, int(8 / 3 * C), extra=2 * T * cfg.num_levels * patch_pixels * C
                           + 2 * C * P + 2 * 2 * P * P)
     repa = t = 0
     if teacher is not None:
         repa = 2 * (T + 1) * (C * P + P * P + P * teacher.embed_dim)
-        tt = teacher.patch_embed.num_patches + teacher.num_prefix_tokens
-        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, tt, 4 * teacher.embed_dim, ffn_matrices=2,
-                              extra=2 * teacher.patch_embed.num_patches * 3 * 14 * 14 * teacher.embed_dim)
-    per_iter = g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa
-    return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=per_iter)
+        n = teacher.patch_embed.num_patches
+        t = vit_forward_flops(len(teacher.blocks), teacher.embed_dim, n + teacher.num_prefix_tokens, 4 * teacher.embed_dim,
+                              ffn_matrices=2, extra=2 * n * 3 * 14 * 14 * teacher.embed_dim)
+    return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa)
 
 
 def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
-    """The best fp32 matmul rate this CPU reaches right now over a few square sizes (the CPU's MFU
-    reference), each timed for about `seconds` after a warm-up."""
+    """The best fp32 matmul rate this CPU reaches now over a few square sizes (the CPU's MFU reference)."""
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -1829,43 +1651,37 @@ def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
     return best
 
 
+def device_sync(device):
+    """Waits for the device's queued work (timing only; the training step never calls this)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, iters):
+    """Seconds per call of fn over iters calls (warmed up by the caller)."""
+    device_sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    device_sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
 def loader_rate(cfg, device, batches=20):
     """Images/s that the data pipeline alone delivers at the run's batch size (memory maps, workers,
     pinned copies, the posterior sample on the device), to compare with the step's images/s."""
     c = copy.copy(cfg)
     data = prepare_data(c)
-    if c.data_kind != "latent":
-        return float("nan")
     warmup = max(1, c.num_workers)  # one batch per worker: the workers have started and run in parallel
     c.steps = warmup + batches
     it = batch_iterator(data, c, 0, 1, 0, device)
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()
-    for x, images, y in it:
+    for _ in it:
         pass
     device_sync(device)
     return batches * c.batch_size / (time.perf_counter() - t0)
-
-
-def tune_cpu_malloc(device):
-    """On CPU, the step's large tensors come and go through glibc's malloc, which by default hands every
-    block over its mmap threshold back to the OS on free (the next one of that size page-faults on fresh,
-    zeroed pages): the mmap threshold fixed at its 32 MiB maximum, freed memory kept (trim and top pad)
-    and one arena make the step a quarter faster. No effect off glibc or on GPU."""
-    import ctypes, platform
-    if device.type != "cpu" or platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
-    settings = ((M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 2**30), (M_TOP_PAD, 256 * 2**20), (M_ARENA_MAX, 1))
-    return all(mallopt(k, v) == 1 for k, v in settings)
-
-
-def device_sync(device):
-    """Waits for the device's queued work (timing only; the training step never calls this)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def count_host_syncs(step, device):
@@ -1884,42 +1700,32 @@ def count_host_syncs(step, device):
 
 
 def sampling_rates(G_ema, cfg, device, autocast, b, iters):
-    """Images/s of one G evaluation per image (a larger batch on GPU, as sample.py uses), and on GPU with
-    the SD-VAE decoder (random weights, same cost)."""
-    sync = functools.partial(device_sync, device)
+    """Images/s of one G evaluation per image (on GPU a batch of 256, as sample.py uses), and on GPU with
+    the SD-VAE decoder (random weights, the same cost)."""
     sb = 256 if device.type == "cuda" else b
     y = torch.randint(0, 1000, (sb,), device=device)
+    sample = lambda: G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
     with autocast:
-        G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            x = G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
-        sync()
-    rates = dict(sample_G_images_per_s=sb * iters / (time.perf_counter() - t0))
-    if device.type == "cuda":
-        from diffusers.models import AutoencoderKL
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                            sample_size=256).to(device, torch.bfloat16).eval()
-        with torch.no_grad(), autocast:
-            decode_latents(vae, x[:64], batch=64)
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(max(1, iters // 2)):
-                decode_latents(vae, G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y), batch=64)
-            sync()
-        rates["sample_G_vae_images_per_s"] = sb * max(1, iters // 2) / (time.perf_counter() - t0)
+        sample()
+        rates = dict(sample_G_images_per_s=sb / timed(sample, device, iters))
+        if device.type == "cuda":
+            from diffusers.models import AutoencoderKL
+            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                                sample_size=256).to(device, torch.bfloat16).eval()
+            with torch.no_grad():
+                decode_latents(vae, sample()[:64], batch=64)
+                seconds = timed(lambda: decode_latents(vae, sample(), batch=64), device, max(1, iters // 2))
+            rates["sample_G_vae_images_per_s"] = sb / seconds
     return rates
 
 
 def benchmark(cfg, warmup=None, iters=None):
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # 3 warm-up iterations reach the steady state on both devices (oneDNN's and malloc's first passes, the
-    # compiler's, cuDNN's autotuning are the slow ones)
+    # 3 warm-up iterations reach the steady state on both devices (oneDNN's and the allocators' first
+    # passes, the compiler, cuDNN's autotuning are the slow ones)
     warmup, iters = warmup or 3, iters or (10 if device.type == "cuda" else 3)
     check_batch_size(cfg, None, 1)
-    tune_cpu_malloc(device)
     set_tf32(use_bf16(cfg, device))
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     # a CPU's peak is measured before and after the run and the higher one kept: a shared machine (or
@@ -1936,20 +1742,14 @@ def benchmark(cfg, warmup=None, iters=None):
     b = cfg.batch_size
     batch = (torch.randn(b, 4, 32, 32, device=device), torch.randint(0, 256, (b, 256, 256, 3), dtype=torch.uint8, device=device),
              torch.randint(0, 1000, (b,), device=device))
-    sync = functools.partial(device_sync, device)
+    step = lambda: train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
-    sync()
-    dt = (time.perf_counter() - t0) / iters
+        out = step()
     assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"
-    host_syncs = count_host_syncs(lambda: train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast), device)
-    flops = model_flops(cfg, teacher)
+    dt = timed(step, device, iters)
+    host_syncs, flops = count_host_syncs(step, device), model_flops(cfg, teacher)
     achieved = flops["per_iteration"] * b / dt
     # measured as the estimate counts: the device's whole use (GPU: the allocator's reserved memory plus
     # what was held outside it at the start; CPU: the process's peak RSS) and, on a GPU, the tensors'
@@ -1958,8 +1758,7 @@ def benchmark(cfg, warmup=None, iters=None):
         tensors, device_held = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device) + outside
         mem = f"{device_held / 2**30:.1f} GiB on the GPU (tensors {tensors / 2**30:.1f} GiB)"
     else:
-        tensors, device_held = None, process_memory("VmHWM")
-        peak = max(cpu_peak, cpu_matmul_peak())
+        tensors, device_held, peak = None, process_memory("VmHWM"), max(cpu_peak, cpu_matmul_peak())
         peak_what = f"fp32 matmul peak measured in this run on {torch.get_num_threads()} CPU threads: {peak / 1e9:.1f} GFLOP/s"
         mem = f"{device_held / 2**30:.1f} GiB RSS"
     result = dict(size=cfg.size, patch=cfg.patch, batch=b, device=str(device), compile=cfg.compile,
@@ -1981,87 +1780,55 @@ def benchmark(cfg, warmup=None, iters=None):
         print(f"data loader alone ({cfg.data}, {cfg.num_workers} workers): {result['loader_images_per_s']:.0f} images/s, "
               f"{result['loader_images_per_s'] / result['images_per_s']:.1f}x what the step consumes")
     print(f"sampling: G only {result['sample_G_images_per_s']:.1f} images/s"
-          + (f", G + SD-VAE decode {result['sample_G_vae_images_per_s']:.1f} images/s" if "sample_G_vae_images_per_s" in result else
-             " (VAE decode timed on GPU only)"))
+          + (f", G + SD-VAE decode {result['sample_G_vae_images_per_s']:.1f} images/s" if "sample_G_vae_images_per_s" in result
+             else " (VAE decode timed on GPU only)"))
     print(memory_line + f" (measured: {mem})")
     print(json.dumps(result))
     return result
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: every Config field is a flag (--batch-size, --no-compile, ...); --data digits applies
+# Command line: every Config setting is a flag (--batch-size, --no-compile, ...); --data digits applies
 # the demo preset underneath whatever is given explicitly.
 # ------------------------------------------------------------------------------------------------
-INTERNAL = {"num_classes", "channels", "input_size", "data_kind"}
-
-
 def check_batch_size(cfg, n_images, world):
     """The global batch must split evenly into world ranks x grad_accum micro-batches and fit in the data
     (batches drop the rest); n_images None = not known yet."""
-    batch_size, parts, what = cfg.batch_size, world * cfg.grad_accum, f"the number of processes {world}"
+    parts, what = world * cfg.grad_accum, f"the number of processes {world}"
     if cfg.grad_accum > 1:
         what += f" x --grad-accum {cfg.grad_accum} = {parts}"
-    if batch_size % parts:
-        raise UserError(f"--batch-size {batch_size} (global) must divide by {what}; "
-                        f"use e.g. {batch_size // parts * parts or parts}")
-    if n_images is not None and batch_size > n_images:
-        raise UserError(f"--batch-size {batch_size} exceeds the {n_images:,} training images; use at most {n_images}")
+    if cfg.batch_size % parts:
+        raise UserError(f"--batch-size {cfg.batch_size} (global) must divide by {what}; "
+                        f"use e.g. {cfg.batch_size // parts * parts or parts}")
+    if n_images is not None and cfg.batch_size > n_images:
+        raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n_images:,} training images; use at most {n_images}")
 
 
-def _augment_ok(policy):
-    return all(op in AUGMENT_POLICY.split(",") for op in policy.split(",")) if policy else True
-
-
-# validate_config's table: (field, test of its value, what is allowed). One line per setting, so a new
-# flag adds its check here; checks that need several fields or the file system follow in validate_config.
-CONFIG_CHECKS = [
-    ("size", lambda v: v in MODEL_SIZES, f"one of {', '.join(MODEL_SIZES)}"),
-    ("patch", lambda v: v in PATCH_SIZES, f"one of {', '.join(map(str, PATCH_SIZES))}"),
-    ("z_dim", lambda v: v >= 1, "an integer >= 1"),
-    ("num_levels", lambda v: v >= 1, "an integer >= 1 (1 = no MNG)"),
-    ("batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("grad_accum", lambda v: v >= 1, "an integer >= 1 (1 = no accumulation)"),
-    ("num_workers", lambda v: v >= 0, "an integer >= 0 (0 = load in the main process)"),
-    ("r1_gamma", lambda v: v >= 0, "a number >= 0"),
-    ("r2_gamma", lambda v: v >= 0, "a number >= 0"),
-    ("gp_sigma", lambda v: v > 0, "a number > 0"),
-    ("repa_weight", lambda v: v >= 0, "a number >= 0 (0 = no REPA)"),
-    ("augment", _augment_ok, f"a comma-separated subset of {AUGMENT_POLICY}, or '' for none"),
-    ("base_lr", lambda v: v > 0, "a number > 0"),
-    ("beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("grad_clip", lambda v: v > 0, "a number > 0"),
-    ("ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = the EMA is the raw G)"),
-    ("steps", lambda v: v >= 1, "an integer >= 1"),
-    ("seed", lambda v: v >= 0, "an integer >= 0"),
-    ("log_every", lambda v: v >= 1, "an integer >= 1"),
-    ("sample_every", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
-    ("sample_truncation", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    ("ckpt_every", lambda v: v >= 0, "an integer >= 0 (0 = only at the end or a stop)"),
-    ("snapshot_every", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
-    ("max_minutes", lambda v: v >= 0, "a number >= 0 (0 = no limit)"),
-    ("fid_every", lambda v: v >= 0, "an integer >= 0 (0 = off)"),
-    ("fid_num", lambda v: v >= 2, "an integer >= 2 (a covariance needs two images; use 5000 or more)"),
-    ("precision", lambda v: v in ("auto", "fp32", "bf16"), "one of auto, fp32, bf16"),
-]
+BOUNDS = {"at_least": (operator.ge, ">="), "above": (operator.gt, ">"), "at_most": (operator.le, "<="),
+          "below": (operator.lt, "<")}
 
 
 def validate_config(cfg):
     """Every setting checked before anything heavy is loaded: a UserError naming the flag, the value and
-    what is allowed. The data-dependent check (batch size vs a latent dataset) follows in open_run()."""
-    for f in dataclasses.fields(cfg):  # inf and nan pass most bounds above; no setting wants them
-        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
-            raise UserError(f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)}: expected a finite number")
-    for name, ok, allowed in CONFIG_CHECKS:
-        value = getattr(cfg, name)
-        if not ok(value):
-            raise UserError(f"--{name.replace('_', '-')} {value!r}: expected {allowed}")
+    what is allowed. Each setting's own bounds are declared with it (Config); the checks of several
+    settings, files and libraries follow. (A latent set's size is checked in open_run, once opened.)"""
+    for f in dataclasses.fields(cfg):
+        value, allowed = getattr(cfg, f.name), f.metadata
+        bad = isinstance(value, float) and not math.isfinite(value)  # inf and nan pass most bounds
+        bad |= "choices" in allowed and value not in allowed["choices"]
+        bad |= any(k in allowed and not op(value, allowed[k]) for k, (op, _) in BOUNDS.items())
+        if bad:
+            what = (f"one of {', '.join(map(str, allowed['choices']))}" if "choices" in allowed else
+                    ("an integer " if isinstance(f.default, int) else "a finite number ")
+                    + " and ".join(f"{symbol} {allowed[k]}" for k, (_, symbol) in BOUNDS.items() if k in allowed))
+            raise UserError(f"--{f.name.replace('_', '-')} {value!r}: expected {what.strip()}")
+    if cfg.augment and not set(cfg.augment.split(",")) <= set(AUGMENT_POLICY.split(",")):
+        raise UserError(f"--augment {cfg.augment!r}: expected a comma-separated subset of {AUGMENT_POLICY}, or '' for none")
     depth = MODEL_SIZES[cfg.size]["depth"]
     parse_grad_ckpt(cfg.grad_ckpt, depth)
     if depth % cfg.num_levels:
-        divisors = [k for k in range(1, depth + 1) if depth % k == 0]
-        raise UserError(f"--num-levels {cfg.num_levels}: GAT-{cfg.size} has {depth} blocks, which must divide "
-                        f"into the levels; use one of {divisors}")
+        raise UserError(f"--num-levels {cfg.num_levels}: GAT-{cfg.size} has {depth} blocks, which must divide into the "
+                        f"levels; use one of {[k for k in range(1, depth + 1) if depth % k == 0]}")
     if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
         raise UserError(f"--resume {cfg.resume!r}: no such file; give 'auto', 'none' or a checkpoint file")
     if cfg.fid_every and not os.path.isfile(cfg.fid_ref):
@@ -2084,20 +1851,16 @@ def validate_config(cfg):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAT: Scalable GANs with Transformers (train, demo, benchmark). "
                                 "--data digits: the CPU demo preset (DIGITS_PRESET) under the flags given.")
-    import inspect  # each flag's help is its comment in Config
-    notes = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
-        if f.name in INTERNAL:
-            continue
-        flag, text = "--" + f.name.replace("_", "-"), f"{notes.get(f.name, '')} (default {f.default!r})"
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            p.add_argument(flag, type=type(f.default), default=None, help=text)
+        if "help" in f.metadata:  # a setting; the others are filled in from the data
+            kind = (dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else
+                    dict(type=type(f.default), choices=f.metadata.get("choices")))
+            p.add_argument("--" + f.name.replace("_", "-"), default=None, help=f"{f.metadata['help']} (default "
+                           f"{f.default!r})", **kind)
     p.add_argument("--no-mng", action="store_true", help="ablation: one output level, no MNG noise")
     p.add_argument("--bench", action="store_true", help="measure speed on random data instead of training")
     args = vars(p.parse_args(argv))
-    cfg = Config(**(DIGITS_PRESET if args.get("data") == "digits" else {}))
+    cfg = Config(**(DIGITS_PRESET if args["data"] == "digits" else {}))
     for k, v in args.items():
         if v is not None and k not in ("no_mng", "bench"):
             setattr(cfg, k, v)
@@ -2110,10 +1873,7 @@ def main(argv=None):
     cfg, bench = parse_args(argv)
     try:
         validate_config(cfg)
-        if bench:
-            benchmark(cfg)
-        else:
-            train(cfg)
+        benchmark(cfg) if bench else train(cfg)
     except (UserError, FloatingPointError) as e:  # a NaN run exits 3: the settings were fine, the run diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, UserError) else 3)

@@ -33,9 +33,9 @@ from numpy.lib.format import open_memmap
 from PIL import Image
 from tqdm import tqdm
 
-import gat
+from fid import UserError, check_device  # one `error: ...` convention in every script
 
-FORMAT = "gat-latents-v1"  # gat.py refuses a folder of any other format (gat.load_latent_dataset)
+FORMAT = "gat-latents-v1"  # load_latents (gat.py's reader, below) refuses a folder of any other format
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # written next to each array in manifest.json, so that the folder describes itself
 HOLDS = {
@@ -82,12 +82,12 @@ def validate_args(args):
     for flag, value, least in (("--resolution", args.resolution, 8), ("--batch-size", args.batch_size, 1),
                                ("--shard-size", args.shard_size, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
-            raise gat.UserError(f"{flag} {value}: expected an integer >= {least}")
+            raise UserError(f"{flag} {value}: expected an integer >= {least}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise gat.UserError(f"--out {args.out!r} is a file: give a folder (created if missing, resumed if not)")
+        raise UserError(f"--out {args.out!r} is a file: give a folder (created if missing, resumed if not)")
     if args.inception and not os.path.isfile(args.inception):
-        raise gat.UserError(f"--inception {args.inception!r}: no such file")
-    gat.check_device("--device", args.device)
+        raise UserError(f"--inception {args.inception!r}: no such file")
+    check_device("--device", args.device)
 
 
 # -----------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def validate_args(args):
 def scan(root):
     """Sorted class folders and, in slot order, their image files; everything else comes back as ignored."""
     if not os.path.isdir(root):
-        raise gat.UserError(f"--images {root!r} is not a folder: pass the folder whose subfolders are the classes "
+        raise UserError(f"--images {root!r} is not a folder: pass the folder whose subfolders are the classes "
                          f"(for ImageNet, the train/ folder)")
     # Sorted throughout: sorted folder names give ImageNet's standard class indices (n01440764, tench, is 0;
     # 207 is the golden retriever), and a rerun must find the same slots to resume (prepare compares files.txt).
@@ -105,7 +105,7 @@ def scan(root):
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     ignored = [e.name for e in entries if not (e.is_dir() and not e.name.startswith("."))]
     if not classes:
-        raise gat.UserError(f"--images {root!r} has no class subfolders: expected one folder per class with its "
+        raise UserError(f"--images {root!r} has no class subfolders: expected one folder per class with its "
                          f"images inside (ImageNet's train/n01440764/*.JPEG layout)")
     files, labels = [], []
     for label, name in enumerate(classes):
@@ -119,7 +119,7 @@ def scan(root):
             else:
                 ignored.append(rel)
     if not files:
-        raise gat.UserError(f"--images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
+        raise UserError(f"--images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
     return classes, files, labels, ignored
 
 
@@ -175,7 +175,7 @@ def settings(args, vae):
     """What the contents depend on; a resumed run must match them exactly."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each encoder block but the last halves the side
     if args.resolution % factor:
-        raise gat.UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     side = args.resolution // factor
     return {"resolution": args.resolution, "latent_shape": [vae.config.latent_channels, side, side],
             "vae": args.vae, "latent_scale": vae.config.scaling_factor, "shard_size": args.shard_size,
@@ -190,13 +190,13 @@ def prepare(args, vae, classes, files, labels):
         manifest = read_json(path)
         have = {k: manifest.get(k) for k in want}
         if manifest.get("format") != FORMAT or have != want:
-            raise gat.UserError(f"{out} holds a run with other settings ({have}, this run: {want}): "
+            raise UserError(f"{out} holds a run with other settings ({have}, this run: {want}): "
                              f"pass the same arguments to resume it, or another --out")
         # surrogateescape, here and below: file names that are not valid UTF-8 round-trip byte for byte
         with open(os.path.join(out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
             old = f.read().splitlines()
         if old != files or manifest["class_names"] != classes:
-            raise gat.UserError(f"the images under {args.images} changed since {out} was started ({len(old)} files "
+            raise UserError(f"the images under {args.images} changed since {out} was started ({len(old)} files "
                              f"then, {len(files)} now): pass another --out, or delete {out} to start over")
         return manifest
     os.makedirs(os.path.join(out, "progress"), exist_ok=True)
@@ -235,7 +235,7 @@ def finish(out, manifest, ignored):
     def fail(message):
         manifest.update(num_valid=None, complete=False)  # also when an earlier run had called it complete
         write_json(path, manifest)
-        raise gat.UserError(f"{message}")
+        raise UserError(f"{message}")
 
     missing = [s for s in range(manifest["num_shards"]) if not os.path.exists(marker(out, s))]
     if missing:
@@ -270,12 +270,21 @@ def finish(out, manifest, ignored):
 # -----------------------------------------------------------------------------
 # encoding
 
-def load_vae(name, device):
-    """gat.py's loader in float32 (encode() picks the precision by autocast). Images arrive NHWC, which
-    viewed as NCHW is channels_last, the layout GPU tensor cores convolve fastest (on the CPU it measured
-    about even)."""
-    vae = gat.load_vae(name, device, dtype=torch.float32)
-    return vae.to(memory_format=torch.channels_last)
+def load_vae(name, device, dtype=None):
+    """The SD-VAE (diffusers AutoencoderKL) by hub name or local folder (default dtype bf16 on GPU, as
+    gat.py decodes; encode() here loads it in float32 and picks its precision by autocast)."""
+    from diffusers.models import AutoencoderKL
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:  # low_cpu_mem_usage=False: the same load, without the request to install `accelerate`
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype, low_cpu_mem_usage=False)
+    except Exception as e:  # diffusers raises OSError, ValueError or hub errors for a bad name
+        where = ("is not a folder holding an AutoencoderKL" if os.path.exists(name) else
+                 "is neither a local folder nor a hub model available here (offline? not cached?)")
+        raise UserError(f"cannot load the VAE '{name}': it {where}. Give --vae DIR, a folder saved with "
+                        "AutoencoderKL.save_pretrained (offline: on a machine with internet run AutoencoderKL"
+                        ".from_pretrained('stabilityai/sd-vae-ft-ema').save_pretrained(DIR), copy DIR over and "
+                        f"pass --vae DIR). Cause: {type(e).__name__}: {e}") from e
+    return vae.to(device).eval().requires_grad_(False)
 
 
 @torch.inference_mode()
@@ -372,11 +381,49 @@ def ref_stats(args, rank, world, device):
 
 
 # -----------------------------------------------------------------------------
+# reading: gat.py's loader of the folder this script writes
+
+class DataError(UserError):
+    pass
+
+
+def load_latents(path):
+    """-> dict(moments, images, labels, valid, index of the valid slots, num_classes, manifest), the
+    arrays memory-mapped; a DataError that says what to do for a missing, partial or malformed folder."""
+    hint = (f"Prepare ImageNet latents with `python prep_latents.py --images /path/to/train --out {path}`"
+            " or run the CPU demo with `python gat.py --data digits`.")
+    manifest_path = os.path.join(path, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise DataError(f"no dataset at '{path}' (missing {manifest_path}). {hint}")
+    try:
+        with open(manifest_path) as f:
+            man = json.load(f)
+        if man.get("format") != FORMAT:
+            raise DataError(f"{manifest_path} has format {man.get('format')!r}, expected '{FORMAT}'. {hint}")
+        if not man.get("complete"):
+            raise DataError(f"'{path}' is incomplete (an interrupted prep_latents.py run): rerun the same "
+                            "prep_latents.py command, it resumes where it stopped.")
+        arrays = {k: np.load(os.path.join(path, f"{k}.npy"), mmap_mode="r") for k in HOLDS}
+        n = man["count"]
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"malformed dataset at '{path}': {e}. {hint}") from e
+    if not (arrays["moments"].shape[:2] == (n, 8) and len(arrays["images"]) == n
+            and arrays["labels"].shape == arrays["valid"].shape == (n,)):
+        raise DataError(f"malformed dataset at '{path}': array shapes disagree with count {n}. {hint}")
+    index = np.flatnonzero(arrays["valid"])
+    if len(index) == 0:
+        raise DataError(f"'{path}' holds no valid images. {hint}")
+    return dict(arrays, index=index, num_classes=man["num_classes"], manifest=man)
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except gat.UserError as e:  # bad input, as in the other scripts: one line, exit 1
+    except UserError as e:  # bad input, as in the other scripts: one line, exit 1
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -395,18 +442,20 @@ def run(args):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # every batch has the same shape
         if args.precision == "fp32":
-            gat.set_tf32(False)  # fp32 asked for is fp32, not the TF32 convolutions of cuDNN's default
+            torch.backends.cudnn.allow_tf32 = False  # fp32 asked for is fp32, not cuDNN's TF32 convolutions
     barrier = dist.barrier if distributed else (lambda: None)
 
     # Rank 0 scans, loads the VAE first (one download into the Hugging Face cache, not eight racing ones) and
     # sets up the folder; the others then read the slot list it wrote.
     if rank == 0:
         classes, files, labels, ignored = scan(args.images)
-        vae = load_vae(args.vae, device)
+        # float32 (encode() picks the precision); NHWC images viewed as NCHW are channels_last, the layout
+        # GPU tensor cores convolve fastest
+        vae = load_vae(args.vae, device, torch.float32).to(memory_format=torch.channels_last)
         prepare(args, vae, classes, files, labels)
     barrier()
     if rank != 0:
-        vae = load_vae(args.vae, device)
+        vae = load_vae(args.vae, device, torch.float32).to(memory_format=torch.channels_last)
     manifest = read_json(os.path.join(args.out, "manifest.json"))
     with open(os.path.join(args.out, "files.txt"), encoding="utf-8", errors="surrogateescape") as f:
         files = f.read().splitlines()

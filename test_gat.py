@@ -620,12 +620,12 @@ def test_missing_vae_fails_at_start_not_at_the_first_grid(tmp_path):
 
 def test_incomplete_or_malformed_dataset_is_refused(tmp_path):
     write_fake_latents(tmp_path / "half", complete=False)
-    with pytest.raises(gat.DataError, match="rerun the same prep_latents.py command"):
-        gat.load_latent_dataset(str(tmp_path / "half"))
+    with pytest.raises(prep_latents.DataError, match="rerun the same prep_latents.py command"):
+        gat.load_latents(str(tmp_path / "half"))
     write_fake_latents(tmp_path / "broken")
     os.remove(tmp_path / "broken" / "labels.npy")
-    with pytest.raises(gat.DataError, match="malformed"):
-        gat.load_latent_dataset(str(tmp_path / "broken"))
+    with pytest.raises(prep_latents.DataError, match="malformed"):
+        gat.load_latents(str(tmp_path / "broken"))
 
 
 DDP_SCRIPT = r'''
@@ -849,7 +849,7 @@ def test_collapsed_generator_is_reported_as_collapsed():
     data = gat.load_digits_dataset()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        judge = gat.DigitsJudge(data, torch.device("cpu"))
+        judge = fid.DigitsJudge(data, torch.device("cpu"))
     G, _ = tiny_models()
     G.mapping[0].weight.data[:, G.z_dim:] = 0  # w = mapping([class vector, z]): the z half no longer matters
     s = judge.evaluate(G, final=True)
@@ -1654,7 +1654,7 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
     np.testing.assert_allclose(moments[valid].astype(np.float32), want, rtol=2e-3, atol=1e-4)
     assert (moments[valid][:, 4:] > 0).all()
 
-    data = gat.load_latent_dataset(str(out))  # the reader accepts the folder and uses exactly the valid slots
+    data = gat.load_latents(str(out))  # the reader accepts the folder and uses exactly the valid slots
     assert data["index"].tolist() == np.flatnonzero(valid).tolist() and data["num_classes"] == 5
 
 
@@ -1690,8 +1690,8 @@ def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path
     assert np.load(out / "valid.npy")[8:10].all() and not (out / "skipped.jsonl").exists()
     import gat
 
-    with pytest.raises(gat.DataError, match="incomplete"):
-        gat.load_latent_dataset(str(out))
+    with pytest.raises(prep_latents.DataError, match="incomplete"):
+        gat.load_latents(str(out))
 
     loaded = []
     load = prep_latents.load_image
