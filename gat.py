@@ -1,30 +1,21 @@
 """
-GAT: "Scalable GANs with Transformers" (Hyun, Lee, Heo; arXiv 2509.24935), in one file.
+GAT: "Scalable GANs with Transformers" (Hyun, Lee, Heo; arXiv 2509.24935), in one file: a GAN whose
+generator and discriminator are plain vision transformers, trained in the Stable Diffusion VAE's latent
+space. Read top to bottom, it is the paper's method in the order data flows (1-8), then the machinery:
 
-A GAN whose generator and discriminator are plain vision transformers, trained in the latent space of
-the Stable Diffusion VAE. Read top to bottom, this file is the paper's method in the order data flows:
+  1. config       sizes and every default        9. data          memory-mapped latents, or the digits
+  2. blocks       RMSNorm, RoPE, attention, FFN 10. checkpoints   atomic writes, exact resume
+  3. generator    style-modulated ViT, K heads  11. training loop D step, G step; DDP via torchrun
+  4. discriminator ViT on the K levels, REPA    12. watching      sample grids, training-time FID
+  5. MNG noise    multi-level noise guidance    13. memory        --grad-ckpt auto's recomputed blocks
+  6. augmentation DiffAugment on latents        14. benchmark     ms/iteration, images/s, MFU
+  7. losses       relativistic, approx. R1/R2, REPA
+  8. optimiser    width-aware AdamW, EMA of G
 
-  1. config            sizes (S/B/L/XL + tiny) and every training default, in one place
-  2. blocks            RMSNorm, equalized linear, 2D RoPE, attention with qk-norm, SwiGLU
-  3. generator         mapping network -> style w -> modulated ViT over trained position tokens -> K MNG heads
-  4. discriminator     the K levels on channels -> ViT with [cls] -> projection logit, REPA projector
-  5. MNG noise         multi-level noise-perturbed image guidance: one nested noise path over K levels
-  6. augmentation      DiffAugment on latents, shared by all levels and by the REPA teacher image
-  7. losses            relativistic pairing loss, approximated R1/R2, REPA
-  8. optimiser         width-aware AdamW, gradient clipping, EMA of G
-  9. data              memory-mapped latents from prep_latents.py, or the sklearn digits demo
- 10. checkpoints       atomic writes, exact resume
- 11. training loop     one D step then one G step per iteration (optionally accumulated); DDP via torchrun
- 12. watching a run    sample grids from fixed noise, training-time FID-5K (the demo's judge: fid.py)
- 13. memory            the estimate of one process's bytes and --grad-ckpt auto's choice of recomputed blocks
- 14. benchmark         ms/iteration, images/s, analytic FLOPs and MFU
-
-Run:
-  python gat.py --data digits                            # CPU demo: tiny GAT on 8x8 digits, 5 min
-  python test_gat.py                                     # the test suite (pip install pytest wandb first)
-  torchrun --nproc_per_node=8 gat.py --size XL           # the paper's recipe on data/imagenet256
+  python gat.py --data digits                                   # CPU demo: tiny GAT on 8x8 digits, 5 min
+  torchrun --nproc_per_node=8 gat.py --size XL                  # the paper's recipe on data/imagenet256
   torchrun --nproc_per_node=2 gat.py --size XL --grad-accum 4   # the same global batch on 2 GPUs
-  python gat.py --bench --size S --batch-size 8          # speed: ms/it, images/s, MFU
+  python gat.py --bench --size S --batch-size 8                 # speed: ms/it, images/s, MFU
 """
 import argparse
 import contextlib
@@ -37,6 +28,7 @@ import math
 import operator
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -60,7 +52,6 @@ from prep_latents import load_latents, load_vae  # the latent folder's reader be
 # 1. Config. The model sizes are DiT's (paper, "Model configurations"); one table for G and D.
 # proj_dim is D's projection-conditioning width and the REPA projector's hidden width (2048 in the
 # paper); the tiny demo size uses 256 so that the 8x8-digit D is not dominated by its head.
-# ------------------------------------------------------------------------------------------------
 MODEL_SIZES = {
     "tiny": dict(depth=4, width=64, heads=4, proj_dim=256),
     "S": dict(depth=12, width=384, heads=6, proj_dim=2048),
@@ -156,7 +147,6 @@ DIGITS_PRESET = dict(
 
 # ------------------------------------------------------------------------------------------------
 # 2. Building blocks shared by G and D.
-# ------------------------------------------------------------------------------------------------
 class EqualizedLinear(nn.Module):
     """StyleGAN's equalized-learning-rate linear layer. The weight is stored 1/lr_mult times larger and
     scaled by lr_mult in forward, so with Adam (which normalises gradient scale) the effective step on
@@ -189,9 +179,8 @@ def sincos_pos_embed(width, grid):
 
 
 def add_pos_table(module, name, width, grid, fixed):
-    """The [1, T, width] sin-cos position table as a trained parameter initialised to sin-cos (the
-    authors' train.py switches requires_grad on for all of G and D, so their tables train and enter the
-    EMA), or with fixed=True the paper's fixed table, a buffer."""
+    """The [1, T, width] sin-cos table: a parameter initialised to sin-cos (the authors' train.py turns
+    requires_grad on for all of G and D, so theirs train), or with fixed=True the paper's fixed buffer."""
     table = sincos_pos_embed(width, grid)[None]
     if fixed:
         module.register_buffer(name, table, persistent=False)
@@ -200,69 +189,59 @@ def add_pos_table(module, name, width, grid, fixed):
 
 
 def rope_2d(head_dim, grid, base=10000.0):
-    """2D rotary embedding tables (cos, sin), each [T, head_dim]: the first half of a head's dims
-    rotates with the token's row, the second half with its column, on interleaved pairs."""
+    """2D rotary tables (cos, sin), each [T, head_dim]: the first half of a head's dims rotates with the
+    token's row, the second half with its column, on interleaved pairs."""
     half = head_dim // 2
     freqs = 1.0 / base ** (torch.arange(0, half, 2, dtype=torch.float32) / half)  # [half/2]
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ang = [(p.flatten()[:, None] * freqs).repeat_interleave(2, dim=1) for p in (rows, cols)]
-    ang = torch.cat(ang, dim=1)  # [T, head_dim]
+    ang = torch.cat([(p.flatten()[:, None] * freqs).repeat_interleave(2, dim=1) for p in (rows, cols)], 1)
     return ang.cos(), ang.sin()
 
 
 def add_rope_tables(module, head_dim, grid, prefix_tokens=0):
-    """rope_2d's tables as the module's rope_cos / rope_sin buffers, [prefix + T, head_dim] (not saved:
-    rebuilt from the shapes). Prefix tokens such as D's [cls] are not rotated: identity rotation (cos 1,
-    sin 0) in front of the spatial ones."""
+    """rope_2d's tables as buffers [prefix + T, head_dim]; prefix tokens (D's [cls]) are not rotated."""
     cos, sin = rope_2d(head_dim, grid)
     module.register_buffer("rope_cos", F.pad(cos, (0, 0, prefix_tokens, 0), value=1.0), persistent=False)
     module.register_buffer("rope_sin", F.pad(sin, (0, 0, prefix_tokens, 0), value=0.0), persistent=False)
 
 
 def apply_rope(x, cos, sin):
-    """Rotates each pair (x[2i], x[2i+1]) of x [..., hd] by its token's angle; cos and sin broadcast to x
-    (in Attention x is [B, T, H, hd] and they are [T, 1, hd])."""
+    """Rotates each pair (x[2i], x[2i+1]) of x [B, T, H, hd] by its token's angle (cos, sin: [T, 1, hd])."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)  # x's shape
-    return torch.addcmul(x * cos, rotated, sin)  # x cos + rotated sin
+    return x * cos + torch.stack((-x2, x1), dim=-1).flatten(-2) * sin
 
 
-# Two ops through autograd Functions that keep less for backward than autograd's own graph would, for a
-# cheap recomputation there (SiLU; one reduction for 1/rms): the same function and gradients (test_gat.py
-# checks both against autograd), a [rows, T, C] and a [rows, T, hidden] tensor fewer per block, and one
-# graph on every device for the memory estimate (§14) to count.
-def rms_norm(x, weight, eps=None):
-    """F.rms_norm over the last dim, with gradients through RMSNormSavingInput (autograd's own rms_norm,
-    composite on a CPU, also saves the normalised tensor for the weight's gradient)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+# GPU memory: RMSNorm and the SwiGLU gate through autograd Functions that keep only their inputs for
+# backward and recompute the rest there (one reduction; one SiLU): the same values and gradients as
+# autograd's (test_gat.py checks both), one [T, C] and one [T, hidden] tensor fewer per row and block.
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dim, x / rms(x) * weight (G's norms have no weight: modulation scales them)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight is not None and weight.requires_grad):
         return RMSNormSavingInput.apply(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
 
 class RMSNormSavingInput(torch.autograd.Function):
-    """Saves x and the weight; backward recomputes 1/rms (one reduction) and runs in fp32."""
-
     @staticmethod
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
         ctx.eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if eps is None else eps  # as F.rms_norm
-        return F.rms_norm(x, x.shape[-1:], weight, eps)  # inside forward: no graph, the fused kernel
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the kernel)
-        xf, gw = x.to(up), grad.to(up) * weight.to(up)
+        up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the fused kernel)
+        xf, gw = x.to(up), grad.to(up) * (1 if weight is None else weight.to(up))
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
         n = xf * rstd
         dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
-        dw = (grad.to(up) * n).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
-        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None
+        dw = (grad.to(up) * n).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), dw, None
 
 
 class SiLUGate(torch.autograd.Function):
-    """silu(a) * b, saving only a and b (views of w12's output, kept anyway) for backward, which
-    recomputes silu(a) (autograd's own silu-then-mul also keeps silu(a))."""
+    """silu(a) * b, keeping a and b (views of w12's output, kept anyway); backward recomputes silu(a)."""
 
     @staticmethod
     def forward(ctx, a, b):
@@ -294,8 +273,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, C // self.heads).unbind(2)  # 3 x [B, T, H, hd]
         cos, sin = (r[:, None] for r in rope)  # [T, 1, hd]: the same angles for every head
-        # rms_norm: F.rms_norm that keeps only its input for backward; the norms' weights cast to
-        # the activations' dtype keep bf16 autocast on the fused kernel
+        # the norms' weights cast to the activations' dtype keep bf16 autocast on the fused kernel
         q = apply_rope(rms_norm(q, self.q_norm.weight.to(q.dtype)), cos, sin).to(v.dtype)
         k = apply_rope(rms_norm(k, self.k_norm.weight.to(k.dtype)), cos, sin).to(v.dtype)
         # heads as [B, H, T, hd] views of token-major tensors: the output comes back token-major, so the
@@ -343,7 +321,6 @@ def run_blocks(blocks, x, *args, ckpt_blocks=0):
 # variation enters through the style w = mapping([class vector, z]), which scales and gates each block
 # (RMSNorm "scale/gate" modulation, no shift). K output heads read the token stream after depth/K,
 # 2*depth/K, ... blocks; their outputs are accumulated, so level k = heads 1..k (MNG, coarse to fine).
-# ------------------------------------------------------------------------------------------------
 class GBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
@@ -353,9 +330,8 @@ class GBlock(nn.Module):
 
     def forward(self, x, silu_w, rope):
         s1, g1, s2, g2 = self.modulation(silu_w).unsqueeze(1).chunk(4, dim=-1)  # 4 x [B, 1, C]
-        # x + g * branch, fused into one pass (addcmul)
-        x = torch.addcmul(x, g1, self.attn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s1), rope))
-        return torch.addcmul(x, g2, self.ffn(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s2)))
+        x = x + g1 * self.attn(rms_norm(x, eps=1e-6) * (1 + s1), rope)
+        return x + g2 * self.ffn(rms_norm(x, eps=1e-6) * (1 + s2))
 
 
 class MNGHead(nn.Module):
@@ -368,7 +344,7 @@ class MNGHead(nn.Module):
 
     def forward(self, x, silu_w):
         s = self.modulation(silu_w).unsqueeze(1)  # [B, 1, C]
-        return self.linear(F.rms_norm(x, x.shape[-1:], eps=1e-6) * (1 + s))
+        return self.linear(rms_norm(x, eps=1e-6) * (1 + s))
 
 
 def unpatchify(x, patch, channels):
@@ -473,19 +449,18 @@ class Generator(nn.Module):
 # 4. Discriminator. One forward sees all K levels at once (concatenated on channels) and gives one
 # logit: a [cls] token, LayerScale pre-norm blocks, and projection conditioning (the [cls] feature
 # dotted with a mapped class vector). The REPA projector maps D's final tokens to the teacher's space.
-# ------------------------------------------------------------------------------------------------
 class DBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)
+        self.norm1, self.norm2 = nn.RMSNorm(width, eps=1e-6), nn.RMSNorm(width, eps=1e-6)  # weights for rms_norm
         self.attn = Attention(width, heads)
         self.ffn = SwiGLU(width)
         self.ls1 = nn.Parameter(torch.full((width,), 0.1))  # LayerScale: residual branches start small
         self.ls2 = nn.Parameter(torch.full((width,), 0.1))
 
     def forward(self, x, rope):
-        x = torch.addcmul(x, self.ls1, self.attn(rms_norm(x, self.norm1.weight, 1e-6), rope))  # x + ls1 * branch
-        return torch.addcmul(x, self.ls2, self.ffn(rms_norm(x, self.norm2.weight, 1e-6)))
+        x = x + self.ls1 * self.attn(rms_norm(x, self.norm1.weight, 1e-6), rope)
+        return x + self.ls2 * self.ffn(rms_norm(x, self.norm2.weight, 1e-6))
 
 
 class Discriminator(nn.Module):
@@ -516,7 +491,7 @@ class Discriminator(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)  # [B, 1+T, C]
         for x in run_blocks(self.blocks, x, (self.rope_cos, self.rope_sin), ckpt_blocks=self.ckpt_blocks):
             pass
-        cls = self.logit_proj(self.final_norm(x[:, 0]))  # [B, P]
+        cls = self.logit_proj(rms_norm(x[:, 0], self.final_norm.weight, 1e-6))  # [B, P]
         logits = (cls * self.class_mapping(self.class_embed(y))).sum(-1)  # projection discriminator
         feats = self.repa_projector(x[:repa_rows]) if repa_rows else None
         return logits, feats
@@ -534,7 +509,6 @@ def levels_to_channels(levels):
 # K = 4: early heads are judged only on coarse structure, which guides G's early blocks directly. The
 # noises are nested (built from the finest level up) so that all K levels lie on one forward-noising
 # path: n_k = d n_(k+1) + sqrt(t_k^2 - (d t_(k+1))^2) eps_k, d = (1 - t_k)/(1 - t_(k+1)), std(n_k) = t_k.
-# ------------------------------------------------------------------------------------------------
 def mng_noise_levels(K, min_info=0.125):
     if K < 2:
         return []  # no MNG: a single level and no noise
@@ -563,7 +537,6 @@ def mng_perturb(levels, eps):
 # translation and flip, by the same fraction of its own size (a kept deviation: the authors' integer
 # arithmetic shifts their 224-px teacher image by floor(tx * 32 / 224) pixels, 0 or -1, whatever the
 # latent's shift). `policy` names the operations used; the others are simply not drawn.
-# ------------------------------------------------------------------------------------------------
 def sample_augment(x, policy=AUGMENT_POLICY):
     """Parameters for the batch whose clean finest level is x [B, C, H, W] (for reals the clean real)."""
     (B, _, size, _), device = x.shape, x.device
@@ -626,7 +599,6 @@ def augment(x, p, teacher=False):
 # relativistic loss with the roles swapped. The approximated penalties replace ||grad_x D||^2 by the
 # finite difference ((D(x) - D(x + sigma eps)) / sigma)^2, whose expectation over eps is the same to
 # first order: no double backward, so the whole step can be compiled and uses fused attention.
-# ------------------------------------------------------------------------------------------------
 def relativistic_loss(logits_a, logits_b):
     """The relativistic pairing loss for the player who wants a to score above b."""
     return F.softplus(-(logits_a - logits_b)).mean()
@@ -734,7 +706,6 @@ def g_loss(D, fake_levels, x_real, y, cfg):
 # 8. Optimiser. Width-aware learning rate (paper): lr = base * C_base / C with C_base = 768, for G and
 # D separately, so that an update changes a layer's output by the same amount at every width. AdamW
 # with beta1 = 0 (no momentum, as GANs prefer), beta2 = 0.99, no weight decay; gradients clipped to 1.
-# ------------------------------------------------------------------------------------------------
 def width_aware_lr(width, base_lr=2e-4, base_width=768):
     return base_lr * base_width / width
 
@@ -759,7 +730,6 @@ def update_ema(ema, model, decay):
 # 0.18215 (mean + std eps) on the device. The order is a seeded permutation per epoch; the global batch
 # at step s is perm[s*B:(s+1)*B] and rank r takes its slice, so the data position is the step itself and
 # a resume continues the exact sequence.
-# ------------------------------------------------------------------------------------------------
 def batch_rows(n, B, b, rank, seed, step):
     """Rows (of n) in rank's share b of global batch `step` of size B, drop-last epochs."""
     epoch, j = divmod(step, n // B)
@@ -838,7 +808,6 @@ def batch_iterator(data, cfg, rank, world, start, device):
 # 10. Checkpoints: written to a temporary file, fsynced, then renamed over the old one, so a crash at
 # any moment leaves the previous checkpoint intact. They hold everything an exact resume needs: the
 # models, the EMA, both optimisers, the step and every rank's random streams.
-# ------------------------------------------------------------------------------------------------
 CKPT_FORMAT = "gat-ckpt-v1"
 
 
@@ -933,7 +902,6 @@ def set_rng_state(state, device):
 # instead of four); in the G step D on reals without grad (the relativistic partner, a constant for G)
 # and on fakes with backward to the input (G's gradient); the REPA teacher once, on the reals. Host
 # syncs (loss values, NaN check, stop flags) happen only at the end of a log interval.
-# ------------------------------------------------------------------------------------------------
 def build_generator(cfg):
     return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
                      cfg.num_levels, fixed_pos_embed=cfg.fixed_pos_embed)
@@ -952,10 +920,8 @@ def build_models(cfg, device, pretrained_teacher=True):
 
 @dataclass
 class Models:
-    """G and D as each step calls them, and the plain modules underneath (for the optimisers, the EMA
-    and checkpoints). G and D run with gradients to be synchronised (DDP); G_fakes (the D step's fakes,
-    no grad) and D_frozen (the G step's critic: weights frozen, only the gradient to its input) run
-    outside DDP, since they make no weight gradients to synchronise."""
+    """G and D as each step calls them (DDP, compiled), and the plain modules underneath. G_fakes (the D
+    step's fakes, no grad) and D_frozen (the G step's critic) run outside DDP: no weight gradients."""
     G: nn.Module
     D: nn.Module
     G_fakes: nn.Module
@@ -970,8 +936,7 @@ def use_bf16(cfg, device):
 
 
 def set_tf32(allowed):
-    """TF32 (a 10-bit mantissa) for the fp32 matmuls and convolutions left outside bf16 autocast, where
-    the run is bf16 anyway; --precision fp32 is then IEEE fp32, as asked."""
+    """TF32 for the fp32 matmuls left outside bf16 autocast in a bf16 run; --precision fp32 stays IEEE."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
 
 
@@ -1100,9 +1065,7 @@ class Run:
 
 
 def open_run(cfg):
-    """Everything a run needs before its first step: the processes, the data, the run folder, the models
-    and optimisers (restored from the checkpoint on a resume), the blocks to recompute, DDP / compile,
-    the fixed grid noise and the demo's judge."""
+    """Everything a run needs before its first step, in the order that fails early and writes late."""
     rank, world, device = setup_distributed(cfg)
     set_tf32(use_bf16(cfg, device))
     data = prepare_data(cfg)
@@ -1157,9 +1120,8 @@ def open_run(cfg):
 
 
 def find_resume(cfg, latest, world):
-    """The checkpoint this run resumes from, or None. Rank 0 decides, from its own disk, and every rank
-    must then see that file: a rank that decided alone (a node without the checkpoint) would start at
-    step 0 beside resumed ones, and the job would hang in mismatched collectives."""
+    """The checkpoint to resume from, or None. Rank 0 decides and every rank must see that file: a node
+    without it would start at step 0 beside resumed ones and hang the job in mismatched collectives."""
     path = {"auto": latest if os.path.isfile(latest) else None, "none": None}.get(cfg.resume, cfg.resume)
     if world > 1:
         decided, seen = [path], [None] * world
@@ -1185,8 +1147,7 @@ def restore(ckpt, G, D, G_ema, opt_G, opt_D, cfg, rank, world, device):
 
 
 def save_checkpoint(run, snapshot=False):
-    """On every rank (each contributes its random streams); rank 0 writes latest.pt atomically, and with
-    snapshot a kept copy checkpoints/<step>.pt, made the same way."""
+    """On every rank (each gives its random streams); rank 0 writes latest.pt, and a kept <step>.pt."""
     m = run.models
     state = dict(format=CKPT_FORMAT, config=dataclasses.asdict(run.cfg), step=run.step, G=m.G_raw.state_dict(),
                  D=m.D_raw.state_dict(), G_ema=m.G_ema.state_dict(), opt_G=run.opt_G.state_dict(), opt_D=run.opt_D.state_dict())
@@ -1196,17 +1157,14 @@ def save_checkpoint(run, snapshot=False):
     if run.master:
         atomic_save(state | {"rng": [{k: v.cpu() for k, v in s.items()} for s in rngs]}, run.latest)
         if snapshot:
-            import shutil
             snap = os.path.join(os.path.dirname(run.latest), f"{run.step:07d}.pt")
             shutil.copyfile(run.latest, f"{snap}.tmp.{os.getpid()}")
             os.replace(f"{snap}.tmp.{os.getpid()}", snap)
 
 
 def progress_bar(cfg, step, master, terminal=None):
-    """A bar on rank 0 in a terminal: with a time budget, over the budget's seconds with the step count in
-    front (a bar over --steps would show 100,000 steps and a wrong ETA), else over steps. Redirected to a
-    file (nohup, SLURM), where each redraw would stay in the log, it is off: log_interval prints one plain
-    line per interval instead."""
+    """A bar on rank 0 in a terminal, over the time budget's seconds if there is one (else over steps).
+    Off a terminal (nohup, SLURM), where each redraw stays in the log, log_interval prints plain lines."""
     from tqdm import tqdm
     off = not master or not (sys.stderr.isatty() if terminal is None else terminal)
     if cfg.max_minutes:
@@ -1216,8 +1174,7 @@ def progress_bar(cfg, step, master, terminal=None):
 
 
 def start_wandb(cfg, run_dir, world):
-    """The wandb run of this run folder (named after it; its id kept there, so that a resume continues
-    the same wandb run); files in <run dir>/wandb. -> the wandb module, for log / Image / finish."""
+    """The wandb run of this run folder, its id kept there so that a resume continues it -> the module."""
     try:
         import wandb
     except ImportError:
@@ -1234,8 +1191,8 @@ def start_wandb(cfg, run_dir, world):
 
 
 def sync_interval(run, sums, n_sum, seconds, stop):
-    """The one host sync of a log interval: the interval's mean metrics over its steps and the ranks, the
-    NaN check, and the stop flag (any rank's signal or clock stops every rank) -> (metrics, stop)."""
+    """The interval's one host sync: mean metrics over steps and ranks, the NaN check, and the stop flag
+    (any rank's signal or clock stops every rank) -> (metrics, stop)."""
     names = sorted(sums)
     vec = torch.stack([sums[k] / n_sum for k in names] + [torch.tensor(float(bool(stop)), device=run.device)])
     if run.world > 1:
@@ -1258,8 +1215,7 @@ def sync_interval(run, sums, n_sum, seconds, stop):
 
 
 def log_interval(run, metrics, bar):
-    """The interval's sample grid, demo figures and FID when due, then metrics.jsonl, wandb and the bar
-    (or, off a terminal, one plain line)."""
+    """Grid, demo figures and FID when due; then metrics.jsonl, wandb and the bar (or a plain line)."""
     cfg, step, images = run.cfg, run.step, {}
     if cfg.sample_every and step % cfg.sample_every == 0 or step == cfg.steps:
         if run.master:
@@ -1304,9 +1260,9 @@ def finish_run(run, stop_reason, minutes):
 
 
 def train(cfg):
-    """The run: per step one train_step; at the end of each log interval (or of a grid, FID or checkpoint
-    step) the one host sync, the logs and evaluations, and a checkpoint when due. A signal or the time
-    budget ends it with a checkpoint; a NaN ends it without one, keeping the last good checkpoint."""
+    """train_step after train_step; at the end of an interval (log, grid, FID or checkpoint) the one host
+    sync, the logs, and a checkpoint when due. A signal or the time budget ends it with a checkpoint; a
+    NaN ends it without one, keeping the last good checkpoint."""
     run = open_run(cfg)
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -1350,7 +1306,6 @@ def count_params(model):
 # it: FID-5K of the EMA G (fixed z, uniformly random classes) against reference statistics, every rank
 # generating and scoring its share. FID-5K is biased upward against FID-50K: use it for trends, not for
 # comparison with papers. (The digits demo's judge is fid.DigitsJudge.)
-# ------------------------------------------------------------------------------------------------
 GRID_COLUMNS = {"latent": 8, "pixel": 10}
 
 
@@ -1420,7 +1375,6 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
 # matmuls keep bf16 copies of their inputs and weights. The D step's D sees 4B rows; the G step keeps G
 # at B rows plus D frozen (only what the gradient to its input needs) at B rows; a recomputed block
 # keeps only its fp32 input. What no count sees (the runtime, the CUDA context, NCCL) is measured.
-# ------------------------------------------------------------------------------------------------
 TEACHER_SHAPE = dict(params=85_724_928, width=768, tokens=257)  # DINOv2 ViT-B/14 at 224 px (REPA_TEACHER)
 
 
@@ -1597,7 +1551,6 @@ def setup_recompute(cfg, G, D, teacher, device, world, outside):
 # model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so that MFU says how
 # much of the device's matmul peak the step turns into model arithmetic; the memory estimate beside the
 # measured peak; and the rates of the data loader and of sampling.
-# ------------------------------------------------------------------------------------------------
 GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
 
 
@@ -1642,28 +1595,18 @@ def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
     best = 0.0
     for n in sizes:
         a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        reps, t = 0, time.perf_counter()
-        while time.perf_counter() - t < seconds:
-            a @ b
-            reps += 1
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t))
+        a @ b  # warm-up
+        best = max(best, 2 * n ** 3 / timed(lambda: a @ b, torch.device("cpu"), max(2, int(seconds * 5e10 / n ** 3))))
     return best
 
 
-def device_sync(device):
-    """Waits for the device's queued work (timing only; the training step never calls this)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device, iters):
-    """Seconds per call of fn over iters calls (warmed up by the caller)."""
-    device_sync(device)
+    """Seconds per call of fn over iters calls (warmed up by the caller), waiting for the device's queue."""
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    device_sync(device)
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
     return (time.perf_counter() - t0) / iters
 
 
@@ -1672,16 +1615,11 @@ def loader_rate(cfg, device, batches=20):
     pinned copies, the posterior sample on the device), to compare with the step's images/s."""
     c = copy.copy(cfg)
     data = prepare_data(c)
-    warmup = max(1, c.num_workers)  # one batch per worker: the workers have started and run in parallel
-    c.steps = warmup + batches
+    c.steps = max(1, c.num_workers) + batches  # one warm-up batch per worker: all have started
     it = batch_iterator(data, c, 0, 1, 0, device)
-    for _ in range(warmup):
+    for _ in range(c.steps - batches):
         next(it)
-    t0 = time.perf_counter()
-    for _ in it:
-        pass
-    device_sync(device)
-    return batches * c.batch_size / (time.perf_counter() - t0)
+    return batches * c.batch_size / timed(lambda: next(it), device, batches)
 
 
 def count_host_syncs(step, device):
@@ -1699,37 +1637,16 @@ def count_host_syncs(step, device):
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def sampling_rates(G_ema, cfg, device, autocast, b, iters):
-    """Images/s of one G evaluation per image (on GPU a batch of 256, as sample.py uses), and on GPU with
-    the SD-VAE decoder (random weights, the same cost)."""
-    sb = 256 if device.type == "cuda" else b
-    y = torch.randint(0, 1000, (sb,), device=device)
-    sample = lambda: G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
-    with autocast:
-        sample()
-        rates = dict(sample_G_images_per_s=sb / timed(sample, device, iters))
-        if device.type == "cuda":
-            from diffusers.models import AutoencoderKL
-            vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
-                                sample_size=256).to(device, torch.bfloat16).eval()
-            with torch.no_grad():
-                decode_latents(vae, sample()[:64], batch=64)
-                seconds = timed(lambda: decode_latents(vae, sample(), batch=64), device, max(1, iters // 2))
-            rates["sample_G_vae_images_per_s"] = sb / seconds
-    return rates
-
-
-def benchmark(cfg, warmup=None, iters=None):
+def benchmark(cfg, warmup=3, iters=None):
+    """Times train_step on random ImageNet-shaped data after warm-up (3 iterations reach the steady state:
+    oneDNN's, the allocators' and the compiler's first passes are the slow ones) and prints the figures."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # 3 warm-up iterations reach the steady state on both devices (oneDNN's and the allocators' first
-    # passes, the compiler, cuDNN's autotuning are the slow ones)
-    warmup, iters = warmup or 3, iters or (10 if device.type == "cuda" else 3)
+    iters = iters or (10 if device.type == "cuda" else 3)
     check_batch_size(cfg, None, 1)
     set_tf32(use_bf16(cfg, device))
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
-    # a CPU's peak is measured before and after the run and the higher one kept: a shared machine (or
-    # compile workers) can depress one measurement, and a low peak would flatter the MFU
+    # the CPU's peak before and after the run, the higher kept: a shared machine can depress one
+    # measurement, and a low peak would flatter the MFU
     cpu_peak = cpu_matmul_peak() if device.type == "cpu" else 0.0
     if cfg.repa_weight > 0:
         import timm  # noqa: F401 (the teacher's library is part of the runtime measured next)
@@ -1749,48 +1666,48 @@ def benchmark(cfg, warmup=None, iters=None):
         out = step()
     assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"
     dt = timed(step, device, iters)
-    host_syncs, flops = count_host_syncs(step, device), model_flops(cfg, teacher)
-    achieved = flops["per_iteration"] * b / dt
+    host_syncs, flops = count_host_syncs(step, device), model_flops(cfg, teacher)["per_iteration"] * b
     # measured as the estimate counts: the device's whole use (GPU: the allocator's reserved memory plus
     # what was held outside it at the start; CPU: the process's peak RSS) and, on a GPU, the tensors'
     if device.type == "cuda":
         peak, peak_what = gpu_peak_flops(device)
-        tensors, device_held = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device) + outside
-        mem = f"{device_held / 2**30:.1f} GiB on the GPU (tensors {tensors / 2**30:.1f} GiB)"
+        tensors, held = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device) + outside
+        mem = f"{held / 2**30:.1f} GiB on the GPU (tensors {tensors / 2**30:.1f} GiB)"
     else:
-        tensors, device_held, peak = None, process_memory("VmHWM"), max(cpu_peak, cpu_matmul_peak())
+        tensors, held, peak = None, process_memory("VmHWM"), max(cpu_peak, cpu_matmul_peak())
         peak_what = f"fp32 matmul peak measured in this run on {torch.get_num_threads()} CPU threads: {peak / 1e9:.1f} GFLOP/s"
-        mem = f"{device_held / 2**30:.1f} GiB RSS"
-    result = dict(size=cfg.size, patch=cfg.patch, batch=b, device=str(device), compile=cfg.compile,
-                  precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
-                  ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops["per_iteration"] * b / 1e9,
-                  achieved_tflops=achieved / 1e12, mfu=achieved / peak, peak=peak_what, peak_memory=mem,
-                  host_syncs_per_step=host_syncs, recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
-                  estimated_device_gib=est["device"] / 2**30, measured_device_gib=device_held / 2**30,
-                  estimated_tensors_gib=est["peak"] / 2**30, measured_tensors_gib=tensors and tensors / 2**30)
+        mem = f"{held / 2**30:.1f} GiB RSS"
+    sb = 256 if device.type == "cuda" else b  # sampling: sample.py's batch on a GPU
+    y = torch.randint(0, 1000, (sb,), device=device)
+    sample = lambda: G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
+    with autocast:
+        sample()
+        sample_s = timed(sample, device, iters)
+    r = dict(size=cfg.size, patch=cfg.patch, batch=b, device=str(device), compile=cfg.compile,
+             precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
+             ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops / 1e9,
+             achieved_tflops=flops / dt / 1e12, mfu=flops / dt / peak, peak=peak_what, peak_memory=mem,
+             host_syncs_per_step=host_syncs, recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
+             estimated_device_gib=est["device"] / 2**30, measured_device_gib=held / 2**30,
+             estimated_tensors_gib=est["peak"] / 2**30, measured_tensors_gib=tensors and tensors / 2**30,
+             sample_G_images_per_s=sb / sample_s)
     if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
-        result["loader_images_per_s"] = loader_rate(cfg, device)
-    result |= sampling_rates(G_ema, cfg, device, autocast, b, iters)
-    print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({result['precision']}, compile={cfg.compile}, "
-          f"REPA={result['repa']}): {result['ms_per_iteration']:.1f} ms/iteration, {result['images_per_s']:.1f} images/s, "
-          f"{result['gflops_per_iteration']:.1f} GFLOP/iteration -> {result['achieved_tflops']:.3f} TFLOP/s, "
-          f"MFU {result['mfu']:.1%} ({peak_what}); peak memory {mem}"
-          + (f"; {host_syncs} host syncs per step" if host_syncs is not None else ""))
-    if "loader_images_per_s" in result:
-        print(f"data loader alone ({cfg.data}, {cfg.num_workers} workers): {result['loader_images_per_s']:.0f} images/s, "
-              f"{result['loader_images_per_s'] / result['images_per_s']:.1f}x what the step consumes")
-    print(f"sampling: G only {result['sample_G_images_per_s']:.1f} images/s"
-          + (f", G + SD-VAE decode {result['sample_G_vae_images_per_s']:.1f} images/s" if "sample_G_vae_images_per_s" in result
-             else " (VAE decode timed on GPU only)"))
+        r["loader_images_per_s"] = loader_rate(cfg, device)
+    print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({r['precision']}, compile={cfg.compile}, REPA={r['repa']}): "
+          f"{r['ms_per_iteration']:.1f} ms/iteration, {r['images_per_s']:.1f} images/s, {r['gflops_per_iteration']:.1f} "
+          f"GFLOP/iteration -> {r['achieved_tflops']:.3f} TFLOP/s, MFU {r['mfu']:.1%} ({peak_what}); peak memory {mem}; "
+          f"sampling (G only; sample.py reports with the VAE) {r['sample_G_images_per_s']:.1f} images/s"
+          + (f"; {host_syncs} host syncs per step" if host_syncs is not None else "")
+          + (f"; data loader alone {r['loader_images_per_s']:.0f} images/s ({cfg.num_workers} workers)"
+             if "loader_images_per_s" in r else ""))
     print(memory_line + f" (measured: {mem})")
-    print(json.dumps(result))
-    return result
+    print(json.dumps(r))
+    return r
 
 
 # ------------------------------------------------------------------------------------------------
 # Command line: every Config setting is a flag (--batch-size, --no-compile, ...); --data digits applies
 # the demo preset underneath whatever is given explicitly.
-# ------------------------------------------------------------------------------------------------
 def check_batch_size(cfg, n_images, world):
     """The global batch must split evenly into world ranks x grad_accum micro-batches and fit in the data
     (batches drop the rest); n_images None = not known yet."""
