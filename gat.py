@@ -60,7 +60,7 @@ MODEL_SIZES = {
     "XL": dict(depth=28, width=1152, heads=16, proj_dim=2048),
 }
 PATCH_SIZES = (1, 2, 4, 8)
-LATENT_SCALE = 0.18215  # SD-VAE: latent = 0.18215 * posterior sample, giving roughly unit variance
+LATENT_SCALE = 0.18215  # SD-VAE: latent = 0.18215 * posterior sample, roughly unit variance (other VAEs: manifest)
 REPA_TEACHER = "vit_base_patch14_dinov2.lvd142m"  # DINOv2 ViT-B/14, 768-dim tokens, 16x16 at 224 px
 AUGMENT_POLICY = "color,translation,cutout,flip"  # DiffAugment on D's inputs, as the authors' code
 
@@ -127,6 +127,8 @@ class Config:
     channels: int = 0
     input_size: int = 0
     data_kind: str = ""  # "latent" or "pixel"
+    latent_scale: float = LATENT_SCALE  # the VAE's scaling_factor and shift_factor: latent = scale * (z - shift)
+    latent_shift: float = 0.0
 
 
 # The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why
@@ -727,7 +729,7 @@ def update_ema(ema, model, decay):
 # ------------------------------------------------------------------------------------------------
 # 9. Data. ImageNet: the folder prep_latents.py writes and its load_latents reads (memory-mapped float16
 # posterior moments, uint8 images for REPA, labels). Every step draws a fresh posterior sample latent =
-# 0.18215 (mean + std eps) on the device. The order is a seeded permutation per epoch; the global batch
+# scale (mean + std eps - shift) on the device, with the VAE's factors (SD-VAE: 0.18215, 0). The order is a seeded permutation per epoch; the global batch
 # at step s is perm[s*B:(s+1)*B] and rank r takes its slice, so the data position is the step itself and
 # a resume continues the exact sequence.
 def batch_rows(n, B, b, rank, seed, step):
@@ -780,8 +782,10 @@ def prepare_data(cfg):
         cfg.channels, cfg.input_size, cfg.data_kind = 1, 8, "pixel"
     else:
         data = load_latents(cfg.data)
-        cfg.channels, cfg.input_size, cfg.data_kind = 4, data["moments"].shape[-1], "latent"
-        cfg.vae = cfg.vae or data["manifest"].get("vae", "stabilityai/sd-vae-ft-ema")
+        man = data["manifest"]  # a folder written before other VAEs were read holds SD-VAE latents
+        cfg.channels, cfg.input_size, cfg.data_kind = data["moments"].shape[1] // 2, data["moments"].shape[-1], "latent"
+        cfg.latent_scale, cfg.latent_shift = man.get("latent_scale", LATENT_SCALE), man.get("latent_shift", 0.0)
+        cfg.vae = cfg.vae or man.get("vae", "stabilityai/sd-vae-ft-ema")
     cfg.num_classes = data["num_classes"]
     cfg.name = cfg.name or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
     return data
@@ -799,8 +803,8 @@ def batch_iterator(data, cfg, rank, world, start, device):
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                                          prefetch_factor=4 if workers else None)
     for moments, images, labels in loader:
-        mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)  # [b, 4, 32, 32] each
-        x = LATENT_SCALE * (mean + std * torch.randn_like(mean))  # a fresh posterior sample every step
+        mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)  # [b, C, h, w] each
+        x = cfg.latent_scale * (mean + std * torch.randn_like(mean) - cfg.latent_shift)  # a fresh posterior sample
         yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
@@ -857,16 +861,19 @@ def load_checkpoint(path):
 
 def upgrade_checkpoint(ckpt):
     """Older checkpoints' configs: without fixed_pos_embed they were trained with fixed position tables,
-    so they resume and load as that ablation; the run's name was stored as "run"."""
+    so they resume and load as that ablation; without latent_scale, on SD-VAE latents; "run" is the name."""
     if isinstance(ckpt.get("config"), dict):
         ckpt["config"].setdefault("fixed_pos_embed", True)
+        ckpt["config"].setdefault("latent_scale", LATENT_SCALE)
+        ckpt["config"].setdefault("latent_shift", 0.0)
         if "run" in ckpt["config"]:  # renamed: torchrun (Python 3.11) refuses --run as ambiguous
             ckpt["config"]["name"] = ckpt["config"].pop("run")
     return ckpt
 
 
 def check_compatible(ckpt_cfg, cfg, path):
-    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size", "data_kind")
+    keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size", "data_kind",
+            "latent_scale", "latent_shift")
     diff = {k: (ckpt_cfg.get(k), getattr(cfg, k)) for k in keys if ckpt_cfg.get(k) != getattr(cfg, k)}
     if diff:
         what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
@@ -1320,9 +1327,9 @@ def save_grid(images, nrow, path, pad=1):
     Image.fromarray(x.squeeze(-1).numpy() if C == 1 else x.numpy()).save(path)
 
 
-def decode_latents(vae, latents, batch=32):
-    """SD-VAE decoding of scaled latents [N, 4, h, w] -> images in [-1, 1]."""
-    return torch.cat([vae.decode(latents[i:i + batch].to(vae.dtype) / LATENT_SCALE).sample.float()
+def decode_latents(vae, latents, scale=LATENT_SCALE, shift=0.0, batch=32):
+    """VAE decoding of latents [N, C, h, w] made as scale * (z - shift) -> images in [-1, 1]."""
+    return torch.cat([vae.decode(latents[i:i + batch].to(vae.dtype) / scale + shift).sample.float()
                       for i in range(0, len(latents), batch)])
 
 
@@ -1337,7 +1344,7 @@ def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device, autocast):
     with autocast:  # the run's precision, as sample.py samples
         x = G_ema.generate(grid_z.to(device), grid_y.to(device), cfg.sample_truncation)
     if cfg.data_kind == "latent":
-        x = decode_latents(lazy_vae(lazy, cfg, device), x)
+        x = decode_latents(lazy_vae(lazy, cfg, device), x, cfg.latent_scale, cfg.latent_shift)
     save_grid(x, GRID_COLUMNS[cfg.data_kind], path)
 
 
@@ -1357,7 +1364,7 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
         with autocast:  # the run's precision, as sample.py samples: the two FIDs of a checkpoint agree
             x = G_ema.generate(z[i:min(i + batch, hi)].to(device), y[i:min(i + batch, hi)].to(device))
         if cfg.data_kind == "latent":
-            x = decode_latents(lazy_vae(lazy, cfg, device), x)
+            x = decode_latents(lazy_vae(lazy, cfg, device), x, cfg.latent_scale, cfg.latent_shift)
         x = x.expand(-1, 3, -1, -1)  # grey digits -> RGB
         images = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # [b, H, W, 3]
         feats.append(lazy["inception"](images)["pool"])

@@ -39,9 +39,9 @@ FORMAT = "gat-latents-v1"  # load_latents (gat.py's reader, below) refuses a fol
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # written next to each array in manifest.json, so that the folder describes itself
 HOLDS = {
-    "moments": "VAE posterior per slot, unscaled: channels 0-3 mean, 4-7 std; zeros where not valid",
+    "moments": "VAE posterior per slot, unscaled: the first C channels mean, the next C std; zeros where not valid",
     "images": "ADM center-cropped RGB image, NHWC uint8 (the REPA teacher's input); zeros where not valid",
-    "labels": "class index into class_names (sorted folder names), set for every slot",
+    "labels": "class index into class_names (sorted folder names; one class for a flat folder), set for every slot",
     "valid": "True where the slot holds an encoded image, False for a file that failed to decode",
 }
 
@@ -94,23 +94,29 @@ def validate_args(args):
 # what the slots are
 
 def scan(root):
-    """Sorted class folders and, in slot order, their image files; everything else comes back as ignored."""
+    """Sorted class folders and, in slot order, their image files; everything else comes back as ignored.
+    A folder of images without class subfolders (FFHQ-style) is one class: unconditional data."""
     if not os.path.isdir(root):
         raise UserError(f"--images {root!r} is not a folder: pass the folder whose subfolders are the classes "
-                         f"(for ImageNet, the train/ folder)")
+                         f"(for ImageNet, the train/ folder), or a flat folder of images (unconditional)")
     # Sorted throughout: sorted folder names give ImageNet's standard class indices (n01440764, tench, is 0;
     # 207 is the golden retriever), and a rerun must find the same slots to resume (prepare compares files.txt).
     entries = sorted(os.scandir(root), key=lambda e: e.name)
     # A hidden folder (.ipynb_checkpoints, .cache) would otherwise become a class and shift every later label.
     classes = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     ignored = [e.name for e in entries if not (e.is_dir() and not e.name.startswith("."))]
-    if not classes:
-        raise UserError(f"--images {root!r} has no class subfolders: expected one folder per class with its "
-                         f"images inside (ImageNet's train/n01440764/*.JPEG layout)")
+    flat = not classes and any(os.path.splitext(e.name)[1].lower() in IMAGE_EXTS for e in entries if e.is_file())
+    if flat:
+        classes, ignored = [""], []  # one class, the folder itself: every label 0
+    elif not classes:
+        raise UserError(f"--images {root!r} has neither class subfolders nor images: expected one folder per class "
+                         f"(ImageNet's train/n01440764/*.JPEG layout) or a flat folder of images (unconditional)")
     files, labels = [], []
     for label, name in enumerate(classes):
         found = []
-        for dirpath, _, names in os.walk(os.path.join(root, name), followlinks=True):
+        for dirpath, dirs, names in os.walk(os.path.join(root, name), followlinks=True):
+            if flat:
+                dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders hold no training images
             found += [os.path.relpath(os.path.join(dirpath, n), root) for n in names]
         for rel in sorted(found):
             if os.path.splitext(rel)[1].lower() in IMAGE_EXTS:
@@ -178,8 +184,13 @@ def settings(args, vae):
         raise UserError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     side = args.resolution // factor
     return {"resolution": args.resolution, "latent_shape": [vae.config.latent_channels, side, side],
-            "vae": args.vae, "latent_scale": vae.config.scaling_factor, "shard_size": args.shard_size,
-            "precision": args.precision}
+            "vae": args.vae, "latent_scale": vae.config.scaling_factor, "latent_shift": latent_shift(vae),
+            "shard_size": args.shard_size, "precision": args.precision}
+
+
+def latent_shift(vae):
+    """The VAE's shift_factor (SD3 and FLUX VAEs; None or absent for the SD-VAE): latent = scale * (z - shift)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
 
 
 def prepare(args, vae, classes, files, labels):
@@ -188,7 +199,7 @@ def prepare(args, vae, classes, files, labels):
     path = os.path.join(out, "manifest.json")
     if os.path.exists(path):
         manifest = read_json(path)
-        have = {k: manifest.get(k) for k in want}
+        have = {k: manifest.get(k, 0.0 if k == "latent_shift" else None) for k in want}  # older: no shift
         if manifest.get("format") != FORMAT or have != want:
             raise UserError(f"{out} holds a run with other settings ({have}, this run: {want}): "
                              f"pass the same arguments to resume it, or another --out")
@@ -409,7 +420,8 @@ def load_latents(path):
         if isinstance(e, DataError):
             raise
         raise DataError(f"malformed dataset at '{path}': {e}. {hint}") from e
-    if not (arrays["moments"].shape[:2] == (n, 8) and len(arrays["images"]) == n
+    channels = man.get("latent_shape", [4])[0]
+    if not (arrays["moments"].shape[:2] == (n, 2 * channels) and len(arrays["images"]) == n
             and arrays["labels"].shape == arrays["valid"].shape == (n,)):
         raise DataError(f"malformed dataset at '{path}': array shapes disagree with count {n}. {hint}")
     index = np.flatnonzero(arrays["valid"])
@@ -464,7 +476,9 @@ def run(args):
     # dealt round-robin: the shards a resumed run has left spread evenly over however many ranks it has now
     todo = [s for s in range(manifest["num_shards"]) if s not in done][rank::world]
     if rank == 0:
-        print(f"{len(files)} images in {manifest['num_classes']} classes -> {args.out}: {manifest['num_shards']} "
+        what = ("no class subfolders: one class, unconditional" if manifest["class_names"] == [""] else
+                f"{manifest['num_classes']} classes")
+        print(f"{len(files)} images ({what}) -> {args.out}: {manifest['num_shards']} "
               f"shards, {len(done)} already done, {world} rank(s) on {device.type}, {args.precision}, "
               f"{args.workers} loader workers per rank")
 

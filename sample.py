@@ -224,9 +224,9 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def decode(vae, x):
-    """G's output -> images in [-1, 1]: VAE-decoded latents, or the pixels themselves."""
-    return x if vae is None else gat.decode_latents(vae, x, batch=len(x))
+def decode(vae, cfg, x):
+    """G's output -> images in [-1, 1]: latents decoded as the run scaled them, or the pixels themselves."""
+    return x if vae is None else gat.decode_latents(vae, x, cfg.latent_scale, cfg.latent_shift, batch=len(x))
 
 
 def to_uint8(x):
@@ -293,7 +293,7 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
         for start in range(lo, hi, B):
             idx, rows = range(start, min(start + B, hi)), slice(start - lo, min(start + B, hi) - lo)
             with autocast(device):
-                x = decode(vae, G.generate(z[rows].to(device), y[rows].to(device), args.truncation[0],
+                x = decode(vae, cfg, G.generate(z[rows].to(device), y[rows].to(device), args.truncation[0],
                                              args.guidance[0]))
             images = to_uint8(x).cpu().numpy()  # the one host sync per batch
             if shard is None:  # on disk, not in RAM; made at the first batch, which tells the image shape
@@ -346,7 +346,7 @@ def sample_grid(G, cfg, vae, args, device):
     blocks = []
     for t, s in pairs:
         with autocast(device):
-            blocks.append(torch.cat([decode(vae, G.generate(z[i:i + args.batch_size], y[i:i + args.batch_size], t, s))
+            blocks.append(torch.cat([decode(vae, cfg, G.generate(z[i:i + args.batch_size], y[i:i + args.batch_size], t, s))
                                      for i in range(0, len(z), args.batch_size)]))
     x = torch.stack(blocks).unflatten(1, (R, J)).transpose(0, 1)  # [R, T, J, C, H, W]
     guide = "" if args.guidance == [1.0] else f"_guid{'-'.join(f'{s:g}' for s in args.guidance)}"
@@ -370,7 +370,7 @@ def sample_interpolation(G, cfg, vae, args, device):
     alpha = torch.linspace(0, 1, args.frames, device=device)[:, None]  # [frames, 1]
     with autocast(device):
         w = G.style(z.to(device), torch.tensor([classes[0], classes[-1]], device=device), t, s)  # [2, C]
-        x = torch.cat([decode(vae, G.synthesis(a)[-1]) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
+        x = torch.cat([decode(vae, cfg, G.synthesis(a)[-1]) for a in w[0].lerp(w[1], alpha).split(args.batch_size)])
     name = f"interp_seed{args.seed}_{i}-{j}_class{'-'.join(map(str, classes))}_trunc{t:g}" + (f"_guid{s:g}" if s != 1 else "")
     frame_dir = os.path.join(args.out, name)
     os.makedirs(frame_dir, exist_ok=True)

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 import warnings
 import weakref
 from pathlib import Path
@@ -1604,7 +1605,8 @@ def test_prep_refuses_bad_input(tmp_path, _prep_vae, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("RGB", (8, 8)).save(flat / "x.png")
-    assert "no class subfolders" in fails("--images", str(flat))
+    (tmp_path / "nothing").mkdir()
+    assert "neither class subfolders nor images" in fails("--images", str(tmp_path / "nothing"))
     (flat / "empty").mkdir()
     assert "no image files" in fails("--images", str(flat))
     shutil.move(flat / "x.png", flat / "empty" / "x.png")
@@ -2328,3 +2330,55 @@ def test_time_budget_bar_counts_minutes_and_a_log_file_gets_plain_lines(tmp_path
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
                          + sys.argv[1:]))
+
+
+def test_other_vae_and_a_flat_folder_from_images_to_latents_training_and_samples(tmp_path, monkeypatch, capsys):
+    """A 16-channel VAE with scale 1.5 and shift 0.1 (SD3-style), on a flat folder (one class, unconditional):
+    prep_latents records both factors and the channels, training scales by them, sample.py decodes with them."""
+    rng = np.random.default_rng(0)
+    flat = tmp_path / "flat"
+    (flat / ".cache").mkdir(parents=True)
+    (flat / ".cache" / "not-an-image.png").write_bytes(b"")  # a hidden folder is no class and no image
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+    torch.manual_seed(0)
+    vae = str(tmp_path / "vae16")
+    AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=4,
+                  sample_size=32, scaling_factor=1.5, shift_factor=0.1).save_pretrained(vae)
+    prep_latents.main(_prep_args(flat, tmp_path / "lat", vae))
+    assert "no class subfolders: one class, unconditional" in capsys.readouterr().out
+    _, manifest = _prep_read(tmp_path / "lat")
+    assert manifest["latent_shape"] == [16, 4, 4] and manifest["class_names"] == [""] and manifest["num_classes"] == 1
+    assert (manifest["latent_scale"], manifest["latent_shift"], manifest["count"]) == (1.5, 0.1, 6)
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), name="u", batch_size=2,
+                     num_workers=0, steps=2, sample_every=2, repa_weight=0.0)
+    data = gat.prepare_data(dataclasses.replace(cfg))
+    probe = dataclasses.replace(cfg, channels=16, latent_scale=1.5, latent_shift=0.1, data_kind="latent")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn_like", torch.ones_like)  # eps = 1: the posterior sample is mean + std
+        x = next(gat.batch_iterator(data, probe, 0, 1, 0, torch.device("cpu")))[0]
+    rows = np.sort(data["index"][gat.batch_rows(6, 2, 2, 0, 0, 0)])
+    mean, std = torch.from_numpy(data["moments"][rows]).float().chunk(2, dim=1)
+    assert torch.equal(x, 1.5 * (mean + std - 0.1))  # latent = scale * (z - shift)
+    gat.train(cfg)
+    ckpt = ckpt_of(tmp_path, "u")
+    assert {k: ckpt["config"][k] for k in ("channels", "latent_scale", "latent_shift", "num_classes")} == \
+        dict(channels=16, latent_scale=1.5, latent_shift=0.1, num_classes=1)
+    assert os.path.isfile(tmp_path / "u" / "samples_0000002_trunc0.png")  # one row: the one class
+
+    class Recording:  # what the decoder receives: the latents unscaled and unshifted
+        dtype = torch.float32
+
+        def decode(self, z):
+            self.seen = z
+            return types.SimpleNamespace(sample=z)
+    stub, lat = Recording(), torch.randn(3, 16, 4, 4)
+    gat.decode_latents(stub, lat, 1.5, 0.1)
+    assert torch.allclose(stub.seen, lat / 1.5 + 0.1)
+    out = tmp_path / "samples"
+    sample.main(["--ckpt", str(tmp_path / "u" / "checkpoints" / "latest.pt"), "--num-images", "3", "--out", str(out),
+                 "--device", "cpu", "--batch-size", "3"])
+    assert np.load(out / "samples_3x32x32x3.npz")["arr_1"].tolist() == [0, 0, 0]
+    old = {"format": gat.CKPT_FORMAT, "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
+    assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
