@@ -217,8 +217,9 @@ def apply_rope(x, cos, sin):
 # backward and recompute the rest there (one reduction; one SiLU): the same values and gradients as
 # autograd's (test_gat.py checks both), one [T, C] and one [T, hidden] tensor fewer per row and block.
 def rms_norm(x, weight=None, eps=None):
-    """RMSNorm over the last dim, x / rms(x) * weight (G's norms have no weight: modulation scales them)."""
-    if torch.is_grad_enabled() and (x.requires_grad or weight is not None and weight.requires_grad):
+    """RMSNorm over the last dim, x / rms(x) * weight. Without a weight (G's norms: modulation scales them)
+    autograd's own op keeps only x: nothing to save for a weight's gradient, nothing to gain."""
+    if torch.is_grad_enabled() and weight is not None and (x.requires_grad or weight.requires_grad):
         return RMSNormSavingInput.apply(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
 
@@ -234,7 +235,7 @@ class RMSNormSavingInput(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         up = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math (as the fused kernel)
-        xf, gw = x.to(up), grad.to(up) * (1 if weight is None else weight.to(up))
+        xf, gw = x.to(up), grad.to(up) * weight.to(up)
         rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)  # [..., 1], recomputed
         n = xf * rstd
         dx = rstd * (gw - n * (gw * n).mean(-1, keepdim=True))
@@ -625,6 +626,25 @@ def repa_loss(d_feats, teacher_feats):
     return (1 - cos[:, 0]).mean(), (1 - cos[:, 1:]).mean()
 
 
+@torch.no_grad()
+def cknna(a, b, k=10):
+    """A diagnostic, not a loss: CKNNA (Huh et al. 2024, the alignment REPA reports) between a [B, dim] and
+    b [B, dim']: the centred kernel alignment of their cosine similarities, counted only over pairs that
+    are among each other's k nearest in both spaces. It is relational (does D order the batch as the teacher
+    does?), where the REPA loss is per sample; 1 = aligned, near 0 = unrelated. In float64, which autocast
+    leaves alone."""
+    n, k = len(a), min(k, len(a) - 1)
+    K, L = (F.normalize(t.double(), dim=-1) @ F.normalize(t.double(), dim=-1).T for t in (a, b))  # [B, B]
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    knn = lambda S: torch.zeros_like(S).scatter_(1, S.masked_fill(eye, -2).topk(k, dim=1).indices, 1.0)
+    H = torch.eye(n, dtype=torch.float64, device=a.device) - 1 / n  # centring
+
+    def hsic(X, Y, mask):  # biased HSIC of the masked kernels; constants cancel in the ratio
+        return (H @ (X * mask) @ H * (Y * mask)).sum()
+    kl = hsic(K, L, knn(K) * knn(L))
+    return (kl / (hsic(K, K, knn(K)) * hsic(L, L, knn(L))).clamp_min(1e-12).sqrt()).float()
+
+
 def build_repa_teacher(name=REPA_TEACHER, pretrained=True, **overrides):
     """Frozen DINOv2 ViT-B/14 from timm at 224 px: [cls] + 16x16 patch tokens of 768 dims. Tests pass
     pretrained=False (random weights, no download) and small overrides such as depth=1."""
@@ -688,7 +708,7 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     if teacher is not None:
         repa_cls, repa_patch = repa_loss(feats, target)
         loss = loss + cfg.repa_weight * (repa_cls + repa_patch)
-        logs.update(repa_cls=repa_cls, repa_patch=repa_patch)
+        logs.update(repa_cls=repa_cls, repa_patch=repa_patch, align_cknna=cknna(feats[:, 0], target[:, 0]))
     return loss, logs
 
 
@@ -961,6 +981,14 @@ def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
     return models, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
 
 
+def block_grad_norms(model, name, groups=4):
+    """The gradient norms of a model's blocks, as the RMS over each quarter of its depth (q1 earliest): the
+    paper's signs of a failing run are per block (G's early blocks inactive). On the device: no host sync."""
+    per_block = torch.stack(torch._foreach_norm([p.grad for p in model.blocks.parameters()])).square()
+    per_block = per_block.view(len(model.blocks), -1).sum(1)  # [depth]: each block's squared norm
+    return {f"grad_{name}_q{i + 1}": q.mean().sqrt() for i, q in enumerate(per_block.view(groups, -1))}
+
+
 def sync_on_last(model, i, n):
     """DDP all-reduces gradients in every backward; while accumulating, only the last micro-batch's."""
     no_sync = getattr(model, "no_sync", None)  # DDP, also seen through a torch.compile wrapper
@@ -982,6 +1010,7 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
             (loss / len(micro)).backward()
         for k, v in (parts | {"loss_D": loss}).items():
             logs[k] = logs.get(k, 0) + v.detach() / len(micro)
+    logs |= block_grad_norms(models.D_raw, "D")  # before clipping: the gradient D's loss asks for
     logs["grad_norm_D"] = nn.utils.clip_grad_norm_(models.D_raw.parameters(), cfg.grad_clip)
     opt_D.step()
     return logs
@@ -1000,10 +1029,11 @@ def g_step(models, opt_G, micro, cfg, autocast):
             (loss / len(micro)).backward()
         loss_G = loss_G + loss.detach() / len(micro)
         ws.append(w.detach())
-    gn_G = nn.utils.clip_grad_norm_(models.G_raw.parameters(), cfg.grad_clip)
+    logs = block_grad_norms(models.G_raw, "G") | dict(loss_G=loss_G)
+    logs["grad_norm_G"] = nn.utils.clip_grad_norm_(models.G_raw.parameters(), cfg.grad_clip)
     opt_G.step()
     models.D_raw.requires_grad_(True)
-    return dict(loss_G=loss_G, grad_norm_G=gn_G), torch.cat(ws)
+    return logs, torch.cat(ws)
 
 
 def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):

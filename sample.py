@@ -8,6 +8,7 @@ per image (plus the VAE decoder for latent checkpoints), so 50,000 samples take 
   python sample.py --ckpt CKPT --grid --classes 207,360,387,974 --cols 8 --truncation 0 0.3 0.6
   python sample.py --ckpt CKPT --interpolate 0 1 --classes 207 --frames 10        # between two z
   python sample.py --ckpt CKPT --interpolate 0 0 --classes 207,360                 # between two classes
+  python sample.py --ckpt CKPT --block-contributions 256     # the MNG analysis: each G block skipped in turn
   python sample.py --ckpt results/GAT-tiny-2-digits/checkpoints/latest.pt --num-images 1000   # the digits demo
 
 Everything is rebuilt from the checkpoint (size, patch, classes, pixel or latent data, VAE name); the
@@ -23,6 +24,8 @@ Guidance s (the authors' guidance_scale), applied after truncation: w = w_null +
 the mean style of the same z over all classes; 1 = off, 0 = the class-free image, > 1 more class-typical.
 """
 import argparse
+import importlib.util
+import json
 import math
 import os
 import re
@@ -74,6 +77,9 @@ def parse_args(argv=None):
                    help="frames from (z of image I, first --classes class) to (z of image J, last class), "
                         "linear in w")
     p.add_argument("--frames", type=int, default=8, help="--interpolate: number of frames")
+    p.add_argument("--block-contributions", type=int, default=0, metavar="N",
+                   help="the MNG analysis: per block of G, how much N images change when that block is skipped "
+                        "(LPIPS if installed, else RMS); a table and OUT/block_contributions.json")
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     return p.parse_args(argv)
 
@@ -86,8 +92,10 @@ def validate_args(args):
                                ("--cols", args.cols, 1), ("--frames", args.frames, 2), ("--seed", args.seed, 0)):
         if value < least:
             raise gat.UserError(f"{flag} {value}: expected an integer >= {least}")
-    if args.grid and args.interpolate:
-        raise gat.UserError("--grid and --interpolate are separate modes: give one of them")
+    if (args.grid, bool(args.interpolate), args.block_contributions != 0).count(True) > 1:
+        raise gat.UserError("--grid, --interpolate and --block-contributions are separate modes: give one of them")
+    if args.block_contributions < 0:
+        raise gat.UserError(f"--block-contributions {args.block_contributions}: expected a number of images >= 1")
     for flag, values, high, meaning in (("--truncation", args.truncation, 1, "0 = none, 1 = class-mean image"),
                                         ("--guidance", args.guidance, 100, "1 = off, 0 = class-free")):
         bad = [v for v in values if not 0 <= v <= high]
@@ -381,6 +389,62 @@ def sample_interpolation(G, cfg, vae, args, device):
     return os.path.join(args.out, name + ".png")
 
 
+class SkippedBlock(torch.nn.Module):
+    """Stands in for one of G's blocks: its output is its input (both residual branches removed)."""
+
+    def forward(self, x, *args):
+        return x
+
+
+def block_contributions(G, cfg, vae, args, device):
+    """The MNG evidence (paper, Fig. 4): per block of G, how far the image moves when that block is skipped,
+    averaged over --block-contributions N fixed (z, class) pairs. Without MNG the early blocks barely matter;
+    with it they shape the coarse image. Distance: LPIPS (AlexNet) on decoded images when the lpips package
+    is installed and the images are at least 32 px; else the RMS difference of G's outputs (latents or pixels)."""
+    n, b = args.block_contributions, args.batch_size
+    z, y = latent_codes(args.seed, range(n), cfg.z_dim, cfg.num_classes)
+    side = cfg.input_size * (8 if cfg.data_kind == "latent" else 1)
+    use_lpips = importlib.util.find_spec("lpips") is not None and side >= 32
+    if use_lpips:
+        import lpips
+        net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    metric = "lpips_alex" if use_lpips else f"rms_{cfg.data_kind}"
+
+    @torch.no_grad()
+    def outputs():
+        with autocast(device):
+            x = torch.cat([G.generate(z[i:i + b].to(device), y[i:i + b].to(device), args.truncation[0], args.guidance[0])
+                           for i in range(0, n, b)]).float()
+        return torch.cat([decode(vae, cfg, x[i:i + b]).float() for i in range(0, n, b)]) if use_lpips else x
+
+    @torch.no_grad()
+    def distance(a, ref):
+        if use_lpips:
+            return torch.cat([net(a[i:i + b], ref[i:i + b]).flatten() for i in range(0, n, b)]).mean().item()
+        return (a - ref).square().flatten(1).mean(1).sqrt().mean().item()
+
+    ref, rows = outputs(), []
+    for k in range(len(G.blocks)):
+        block, G.blocks[k] = G.blocks[k], SkippedBlock()
+        try:
+            rows.append(dict(block=k + 1, distance=distance(outputs(), ref),
+                             level=next(i + 1 for i, after in enumerate(G.head_after) if k <= after)))
+        finally:
+            G.blocks[k] = block
+    result = dict(ckpt=args.ckpt, metric=metric, num_levels=len(G.heads), images=n, seed=args.seed, blocks=rows)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "block_contributions.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    top = max(r["distance"] for r in rows) or 1.0
+    print(f"the image's change ({metric}) when one block of G is skipped, over {n} (z, class) pairs; "
+          f"K = {len(G.heads)} MNG level(s)\nblock  level  distance")
+    for r in rows:
+        print(f"{r['block']:5d}  {r['level']:5d}  {r['distance']:8.4f}  " + "#" * round(40 * r["distance"] / top))
+    print(f"-> {path}")
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -388,9 +452,10 @@ def main(argv=None):
         rank, world, device = gat.setup_distributed(args)
         gat.set_tf32(device.type == "cuda")  # as in training: TF32 where the sampling is bf16 anyway
         G, cfg, vae = load_model(args, device)
-        if args.grid or args.interpolate:
+        if args.grid or args.interpolate or args.block_contributions:
             if rank == 0:  # small jobs: one process does them
-                (sample_grid if args.grid else sample_interpolation)(G, cfg, vae, args, device)
+                mode = sample_grid if args.grid else sample_interpolation if args.interpolate else block_contributions
+                mode(G, cfg, vae, args, device)
         else:
             sample_fid(G, cfg, vae, args, rank, world, device)
     except gat.UserError as e:

@@ -898,7 +898,7 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
         runs.append((out, models.G_raw, models.D_raw, models.G_ema))
     (out1, G1, D1, E1), (out2, G2, D2, E2) = runs
     assert out1.keys() == out2.keys() and {"r1", "r2", "repa_cls", "repa_patch", "d_real"} <= set(out1)
-    for k in out1:
+    for k in out1.keys() - {"align_cknna"}:  # CKNNA relates the rows of one micro-batch: not a sum over rows
         assert torch.allclose(out1[k], out2[k], rtol=1e-5, atol=1e-6), k
     for a, b in ((G1, G2), (D1, D2)):
         # float32 sums in another order: the rounding scales with the model's gradients (some are exactly 0 in
@@ -1535,7 +1535,8 @@ def test_prep_output_trains_a_gat_step(_prep_reference, _prep_vae, tmp_path, mon
     gat.train(cfg)  # 32-px crops -> 4x4 latents, REPA on the crops, the grid decoded by the manifest's VAE
     ckpt = ckpt_of(tmp_path, "p")
     assert ckpt["step"] == 1 and ckpt["config"]["num_classes"] == 5 and ckpt["config"]["vae"] == _prep_vae
-    assert math.isfinite(json.loads(open(tmp_path / "p" / "metrics.jsonl").readline())["repa_cls"])
+    m = json.loads(open(tmp_path / "p" / "metrics.jsonl").readline())
+    assert math.isfinite(m["repa_cls"]) and -1 <= m["align_cknna"] <= 1 and m["grad_G_q1"] > 0 and m["grad_D_q4"] > 0
 
 
 def test_prep_resume_after_kill(_prep_reference, _prep_tree, _prep_vae, tmp_path, monkeypatch):
@@ -2382,3 +2383,46 @@ def test_other_vae_and_a_flat_folder_from_images_to_latents_training_and_samples
     assert np.load(out / "samples_3x32x32x3.npz")["arr_1"].tolist() == [0, 0, 0]
     old = {"format": gat.CKPT_FORMAT, "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
     assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
+
+
+def test_sample_block_contributions_skip_each_block_in_turn(_sample_pixel_ckpt, tmp_path, capsys):
+    """--block-contributions: row k is the RMS change of G's output when block k adds nothing, checked against
+    a copy of G whose block k has its gates g1, g2 set to zero (x + 0 * branch = x)."""
+    _sample_run("--ckpt", _sample_pixel_ckpt, "--block-contributions", 6, "--batch-size", 4, "--seed", 2, "--out", tmp_path)
+    assert "block  level  distance" in capsys.readouterr().out
+    r = json.loads((tmp_path / "block_contributions.json").read_text())
+    G, cfg = sample.load_generator(_sample_pixel_ckpt)
+    z, y = sample.latent_codes(2, range(6), cfg.z_dim, cfg.num_classes)
+    ref = G.generate(z, y)
+    assert r["metric"] == "rms_pixel" and r["num_levels"] == 4 and r["images"] == 6 and len(r["blocks"]) == 4
+    for k, row in enumerate(r["blocks"]):
+        gated = copy.deepcopy(G)
+        C = G.width
+        with torch.no_grad():
+            for rows in (slice(C, 2 * C), slice(3 * C, 4 * C)):  # (s1, g1, s2, g2): the gates g1 and g2
+                gated.blocks[k].modulation.weight[rows] = 0
+                gated.blocks[k].modulation.bias[rows] = 0
+        want = (gated.generate(z, y) - ref).square().flatten(1).mean(1).sqrt().mean().item()
+        assert row["distance"] == pytest.approx(want, rel=1e-4, abs=1e-7) and want > 0, k
+        assert row["block"] == k + 1 and row["level"] == k + 1  # tiny: depth 4, K = 4, a head after every block
+    assert "separate modes" in _sample_error(capsys, "--ckpt", _sample_pixel_ckpt, "--grid", "--block-contributions", 2)
+
+
+def test_run_diagnostics_cknna_and_per_block_gradient_norms():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)
+    assert gat.cknna(a, 3 * a @ q).item() == pytest.approx(1, abs=1e-6)  # rotated and scaled: the same geometry
+    assert abs(gat.cknna(a, torch.randn(64, 48, generator=g)).item()) < 0.25  # unrelated features
+    assert 0.25 < gat.cknna(a, a + torch.randn(64, 32, generator=g)).item() < 0.9  # half signal, half noise
+    with torch.autocast("cpu", torch.bfloat16):
+        assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)  # float64 inside, whatever autocast says
+    model = types.SimpleNamespace(blocks=nn.ModuleList(nn.Linear(3, 3) for _ in range(8)))
+    for p in model.blocks.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    per_block = torch.stack([torch.cat([p.grad.flatten() for p in b.parameters()]).norm() for b in model.blocks])
+    got = gat.block_grad_norms(model, "G")
+    assert list(got) == ["grad_G_q1", "grad_G_q2", "grad_G_q3", "grad_G_q4"]
+    for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms
+        assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
