@@ -129,6 +129,7 @@ class Config:
     data_kind: str = ""  # "latent" or "pixel"
     latent_scale: float = LATENT_SCALE  # the VAE's scaling_factor and shift_factor: latent = scale * (z - shift)
     latent_shift: float = 0.0
+    image_size: int = 256  # the data's image side: the REPA teacher sees 224 * image_size / 256 px (448 at 512)
 
 
 # The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why
@@ -645,11 +646,12 @@ def cknna(a, b, k=10):
     return (kl / (hsic(K, K, knn(K)) * hsic(L, L, knn(L))).clamp_min(1e-12).sqrt()).float()
 
 
-def build_repa_teacher(name=REPA_TEACHER, pretrained=True, **overrides):
-    """Frozen DINOv2 ViT-B/14 from timm at 224 px: [cls] + 16x16 patch tokens of 768 dims. Tests pass
-    pretrained=False (random weights, no download) and small overrides such as depth=1."""
+def build_repa_teacher(name=REPA_TEACHER, pretrained=True, img_size=224, **overrides):
+    """Frozen DINOv2 ViT-B/14 from timm: [cls] + 16x16 patch tokens of 768 dims at 224 px; at 448 px (for
+    512-px images, as REPA does) 32x32, timm resampling the position table. Tests pass pretrained=False
+    (random weights, no download) and small overrides such as depth=1."""
     import timm
-    model = timm.create_model(name, pretrained=pretrained, img_size=224, num_classes=0, **overrides)
+    model = timm.create_model(name, pretrained=pretrained, img_size=img_size, num_classes=0, **overrides)
     # its input normalisation as buffers: they move to the GPU with the model, so the step never copies
     # host data to the device (a torch.tensor(..., device=cuda) would stall the host on every step)
     model.register_buffer("pixel_mean", torch.tensor(model.pretrained_cfg["mean"])[:, None, None], persistent=False)
@@ -661,7 +663,8 @@ def build_repa_teacher(name=REPA_TEACHER, pretrained=True, **overrides):
 def teacher_features(teacher, images_u8, aug, grid):
     """images_u8 [B, H, W, 3] -> teacher tokens [B, 1+grid*grid, dim], with the reals' translation/flip."""
     x = images_u8.permute(0, 3, 1, 2).float() / 255  # [B, 3, H, W]
-    x = F.interpolate((x - teacher.pixel_mean) / teacher.pixel_std, size=224, mode="bicubic")
+    size = teacher.patch_embed.img_size  # 224, or 448 for 512-px images
+    x = F.interpolate((x - teacher.pixel_mean) / teacher.pixel_std, size=size, mode="bicubic")
     x = augment(x, aug, teacher=True)
     tokens = teacher.forward_features(x)  # [B, 1+256, dim]
     cls, patches = tokens[:, :1], tokens[:, teacher.num_prefix_tokens:]
@@ -805,6 +808,7 @@ def prepare_data(cfg):
         man = data["manifest"]  # a folder written before other VAEs were read holds SD-VAE latents
         cfg.channels, cfg.input_size, cfg.data_kind = data["moments"].shape[1] // 2, data["moments"].shape[-1], "latent"
         cfg.latent_scale, cfg.latent_shift = man.get("latent_scale", LATENT_SCALE), man.get("latent_shift", 0.0)
+        cfg.image_size = data["images"].shape[1]
         cfg.vae = cfg.vae or man.get("vae", "stabilityai/sd-vae-ft-ema")
     cfg.num_classes = data["num_classes"]
     cfg.name = cfg.name or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
@@ -939,7 +943,8 @@ def build_models(cfg, device, pretrained_teacher=True):
     blocks to recompute are set afterwards (setup_recompute), once the models' sizes are known."""
     G = build_generator(cfg).to(device)
     use_repa = cfg.repa_weight > 0 and cfg.data_kind == "latent"
-    teacher = build_repa_teacher(cfg.repa_teacher, pretrained_teacher).to(device) if use_repa else None
+    teacher = (build_repa_teacher(cfg.repa_teacher, pretrained_teacher, img_size=224 * cfg.image_size // 256).to(device)
+               if use_repa else None)
     D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
                       repa_dim=teacher.embed_dim if use_repa else 0, fixed_pos_embed=cfg.fixed_pos_embed).to(device)
     return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
@@ -1466,7 +1471,7 @@ def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher
     buffers = sum(b.numel() * b.element_size() for mod in (G, D) for b in mod.buffers())
     resident = f32 * (2 * n_G + n_D + (t["params"] if t else 0)) + 2 * buffers  # weights, EMA, teacher, buffers
     persistent = resident + 3 * f32 * (n_G + n_D)  # + gradients and AdamW's two moments
-    data = rows * (f32 * cfg.channels * cfg.input_size ** 2 + (256 * 256 * 3 if t else 0))
+    data = rows * (f32 * cfg.channels * cfg.input_size ** 2 + (cfg.image_size ** 2 * 3 if t else 0))
     repa = rows * (T + 1) * 4 * P * a if t else 0  # projector: 2 x (linear out, SiLU out)
     final = f32 * (T + 1) * C  # D's last block output, read by the head and the projector
     # D step: D over 4B rows, its stem's input and REPA head; G step: G at B rows with its K heads

@@ -1419,7 +1419,7 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
 def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fails_at_start(_prep_reference, _prep_vae,
                                                                                            tmp_path, monkeypatch):
     teacher = tiny_teacher()
-    monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True: teacher)
+    monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True, img_size=224: teacher)
     data = tmp_path / "lat"
     shutil.copytree(_prep_reference, data)
     cfg = gat.Config(size="tiny", data=str(data), results=str(tmp_path), name="p", batch_size=4, num_workers=1,
@@ -2273,3 +2273,27 @@ def test_run_diagnostics_cknna_and_per_block_gradient_norms():
     assert list(got) == ["grad_G_q1", "grad_G_q2", "grad_G_q3", "grad_G_q4"]
     for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms
         assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
+
+
+def test_imagenet512_the_teacher_sees_448_pixels_and_its_tokens_match_ds_grid(tmp_path, monkeypatch):
+    """512-px data (64x64 latents): DINOv2 at 448 px (REPA's rule, 32x32 tokens) for D's 32x32 grid at patch 2, and
+    resized to 16x16 at patch 4; the run trains, and sample.py writes 512-px images."""
+    write_fake_latents(tmp_path / "lat512", n=4, classes=2, res=512)
+    sizes, build = [], gat.build_repa_teacher
+
+    def teacher_at(name, pretrained=True, img_size=224):
+        sizes.append(img_size)
+        return build(pretrained=False, img_size=img_size, depth=1, embed_dim=32, num_heads=2)
+    monkeypatch.setattr(gat, "build_repa_teacher", teacher_at)
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat512"), results=str(tmp_path), name="r512", batch_size=2,
+                     num_workers=0, steps=1, sample_every=0, vae=tiny_vae(tmp_path / "vae"))
+    gat.train(cfg)
+    ckpt = ckpt_of(tmp_path, "r512")
+    assert sizes == [448] and ckpt["config"]["image_size"] == 512 and ckpt["config"]["input_size"] == 64
+    teacher, images = teacher_at("", img_size=448), torch.randint(0, 256, (2, 512, 512, 3), dtype=torch.uint8)
+    aug = gat.sample_augment(torch.zeros(2, 4, 64, 64), "translation,flip")
+    assert gat.teacher_features(teacher, images, aug, 32).shape == (2, 1 + 32 * 32, 32)  # patch 2: no resize
+    assert gat.teacher_features(teacher, images, aug, 16).shape == (2, 1 + 16 * 16, 32)  # patch 4: resized
+    sample.main(["--ckpt", str(tmp_path / "r512" / "checkpoints" / "latest.pt"), "--num-images", "2", "--no-png",
+                 "--out", str(tmp_path / "s"), "--device", "cpu", "--batch-size", "2"])
+    assert np.load(tmp_path / "s" / "samples_2x512x512x3.npz")["arr_0"].shape == (2, 512, 512, 3)
