@@ -2180,7 +2180,8 @@ if __name__ == "__main__":
                          + sys.argv[1:]))
 
 
-def test_other_vae_and_a_flat_folder_from_images_to_latents_training_and_samples(tmp_path, monkeypatch, capsys):
+def test_other_vae_and_a_flat_folder_from_images_to_latents_training_samples_and_fid(tmp_path, monkeypatch, capsys,
+                                                                                     mean_inception):
     """A 16-channel VAE with scale 1.5 and shift 0.1 (SD3-style), on a flat folder (one class, unconditional):
     prep_latents records both factors and the channels, training scales by them, sample.py decodes with them."""
     rng = np.random.default_rng(0)
@@ -2228,6 +2229,10 @@ def test_other_vae_and_a_flat_folder_from_images_to_latents_training_and_samples
     sample.main(["--ckpt", str(tmp_path / "u" / "checkpoints" / "latest.pt"), "--num-images", "3", "--out", str(out),
                  "--device", "cpu", "--batch-size", "3"])
     assert np.load(out / "samples_3x32x32x3.npz")["arr_1"].tolist() == [0, 0, 0]
+    capsys.readouterr()
+    np.savez(tmp_path / "real.npz", arr_0=np.load(tmp_path / "lat" / "images.npy"))  # the 6 prepared images
+    result, _ = _fid_run_cli(capsys, out / "samples_3x32x32x3.npz", tmp_path / "real.npz", "--device", "cpu")
+    assert result["n_samples"] == 3 and math.isfinite(result["fid"]) and mean_inception
     old = {"format": gat.CKPT_FORMAT, "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
     assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
 
@@ -2275,10 +2280,16 @@ def test_run_diagnostics_cknna_and_per_block_gradient_norms():
         assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
 
 
-def test_imagenet512_the_teacher_sees_448_pixels_and_its_tokens_match_ds_grid(tmp_path, monkeypatch):
-    """512-px data (64x64 latents): DINOv2 at 448 px (REPA's rule, 32x32 tokens) for D's 32x32 grid at patch 2, and
-    resized to 16x16 at patch 4; the run trains, and sample.py writes 512-px images."""
-    write_fake_latents(tmp_path / "lat512", n=4, classes=2, res=512)
+def test_imagenet512_images_to_latents_to_training_samples_and_fid(tmp_path, monkeypatch, capsys, mean_inception):
+    """512 px: prep_latents writes 64x64 latents; DINOv2 sees 448 px (REPA's rule, 32x32 tokens) for D's 32x32 grid at
+    patch 2, resized to 16x16 at patch 4; the run trains, sample.py writes 512-px images and fid.py scores them."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "img512" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (520, 540, 3), dtype=np.uint8)).save(tmp_path / "img512" / "a" / f"{i}.png")
+    vae = tiny_vae(tmp_path / "vae")
+    prep_latents.main(_prep_args(tmp_path / "img512", tmp_path / "lat512", vae, "--resolution", "512"))
+    assert _prep_read(tmp_path / "lat512")[1]["latent_shape"] == [4, 64, 64]
     sizes, build = [], gat.build_repa_teacher
 
     def teacher_at(name, pretrained=True, img_size=224):
@@ -2286,7 +2297,7 @@ def test_imagenet512_the_teacher_sees_448_pixels_and_its_tokens_match_ds_grid(tm
         return build(pretrained=False, img_size=img_size, depth=1, embed_dim=32, num_heads=2)
     monkeypatch.setattr(gat, "build_repa_teacher", teacher_at)
     cfg = gat.Config(size="tiny", data=str(tmp_path / "lat512"), results=str(tmp_path), name="r512", batch_size=2,
-                     num_workers=0, steps=1, sample_every=0, vae=tiny_vae(tmp_path / "vae"))
+                     num_workers=0, steps=1, sample_every=0)
     gat.train(cfg)
     ckpt = ckpt_of(tmp_path, "r512")
     assert sizes == [448] and ckpt["config"]["image_size"] == 512 and ckpt["config"]["input_size"] == 64
@@ -2294,6 +2305,10 @@ def test_imagenet512_the_teacher_sees_448_pixels_and_its_tokens_match_ds_grid(tm
     aug = gat.sample_augment(torch.zeros(2, 4, 64, 64), "translation,flip")
     assert gat.teacher_features(teacher, images, aug, 32).shape == (2, 1 + 32 * 32, 32)  # patch 2: no resize
     assert gat.teacher_features(teacher, images, aug, 16).shape == (2, 1 + 16 * 16, 32)  # patch 4: resized
-    sample.main(["--ckpt", str(tmp_path / "r512" / "checkpoints" / "latest.pt"), "--num-images", "2", "--no-png",
+    sample.main(["--ckpt", str(tmp_path / "r512" / "checkpoints" / "latest.pt"), "--num-images", "4", "--no-png",
                  "--out", str(tmp_path / "s"), "--device", "cpu", "--batch-size", "2"])
-    assert np.load(tmp_path / "s" / "samples_2x512x512x3.npz")["arr_0"].shape == (2, 512, 512, 3)
+    npz = tmp_path / "s" / "samples_4x512x512x3.npz"
+    assert np.load(npz)["arr_0"].shape == (4, 512, 512, 3)
+    capsys.readouterr()
+    result, _ = _fid_run_cli(capsys, npz, npz, "--device", "cpu")  # the samples against themselves
+    assert result["n_samples"] == 4 and result["fid"] == pytest.approx(0, abs=1e-6) and mean_inception
