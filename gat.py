@@ -986,12 +986,18 @@ def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
     return models, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
 
 
-def block_grad_norms(model, name, groups=4):
-    """The gradient norms of a model's blocks, as the RMS over each quarter of its depth (q1 earliest): the
-    paper's signs of a failing run are per block (G's early blocks inactive). On the device: no host sync."""
-    per_block = torch.stack(torch._foreach_norm([p.grad for p in model.blocks.parameters()])).square()
-    per_block = per_block.view(len(model.blocks), -1).sum(1)  # [depth]: each block's squared norm
-    return {f"grad_{name}_q{i + 1}": q.mean().sqrt() for i, q in enumerate(per_block.view(groups, -1))}
+def clip_gradients(model, max_norm, name, groups=4):
+    """clip_grad_norm_ that also measures, from its one pass over the gradients: the total norm (before clipping)
+    and the RMS of the blocks' norms over each quarter of the depth (q1 earliest; the paper's signs of a failing
+    run are per block: G's early blocks idle). On the device: no host sync."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # [parameters]
+    total = torch.linalg.vector_norm(norms)
+    torch._foreach_mul_([p.grad for p in params], (max_norm / (total + 1e-6)).clamp(max=1.0))
+    first = next(i for i, p in enumerate(params) if p is next(model.blocks.parameters()))  # the blocks: one run
+    per_block = norms[first:first + sum(1 for _ in model.blocks.parameters())].square().view(len(model.blocks), -1)
+    quarters = per_block.sum(1).view(groups, -1).mean(1).sqrt()
+    return {f"grad_norm_{name}": total} | {f"grad_{name}_q{i + 1}": q for i, q in enumerate(quarters)}
 
 
 def sync_on_last(model, i, n):
@@ -1015,8 +1021,7 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
             (loss / len(micro)).backward()
         for k, v in (parts | {"loss_D": loss}).items():
             logs[k] = logs.get(k, 0) + v.detach() / len(micro)
-    logs |= block_grad_norms(models.D_raw, "D")  # before clipping: the gradient D's loss asks for
-    logs["grad_norm_D"] = nn.utils.clip_grad_norm_(models.D_raw.parameters(), cfg.grad_clip)
+    logs |= clip_gradients(models.D_raw, cfg.grad_clip, "D")
     opt_D.step()
     return logs
 
@@ -1034,8 +1039,7 @@ def g_step(models, opt_G, micro, cfg, autocast):
             (loss / len(micro)).backward()
         loss_G = loss_G + loss.detach() / len(micro)
         ws.append(w.detach())
-    logs = block_grad_norms(models.G_raw, "G") | dict(loss_G=loss_G)
-    logs["grad_norm_G"] = nn.utils.clip_grad_norm_(models.G_raw.parameters(), cfg.grad_clip)
+    logs = clip_gradients(models.G_raw, cfg.grad_clip, "G") | dict(loss_G=loss_G)
     opt_G.step()
     models.D_raw.requires_grad_(True)
     return logs, torch.cat(ws)
@@ -1644,11 +1648,12 @@ def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
 
 def timed(fn, device, iters):
     """Seconds per call of fn over iters calls (warmed up by the caller), waiting for the device's queue."""
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda device: None
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    sync(device)
     return (time.perf_counter() - t0) / iters
 
 

@@ -2270,13 +2270,20 @@ def test_run_diagnostics_cknna_and_per_block_gradient_norms():
     assert 0.25 < gat.cknna(a, a + torch.randn(64, 32, generator=g)).item() < 0.9  # half signal, half noise
     with torch.autocast("cpu", torch.bfloat16):
         assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)  # float64 inside, whatever autocast says
-    model = types.SimpleNamespace(blocks=nn.ModuleList(nn.Linear(3, 3) for _ in range(8)))
-    for p in model.blocks.parameters():
+    model = nn.Module()
+    model.stem, model.blocks = nn.Linear(3, 3), nn.ModuleList(nn.Linear(3, 3) for _ in range(8))
+    for p in model.parameters():
         p.grad = torch.randn(p.shape, generator=g)
     per_block = torch.stack([torch.cat([p.grad.flatten() for p in b.parameters()]).norm() for b in model.blocks])
-    got = gat.block_grad_norms(model, "G")
-    assert list(got) == ["grad_G_q1", "grad_G_q2", "grad_G_q3", "grad_G_q4"]
-    for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms
+    reference = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        q.grad = p.grad.clone()
+    want = nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    got = gat.clip_gradients(model, 1.0, "G")
+    assert list(got) == ["grad_norm_G", "grad_G_q1", "grad_G_q2", "grad_G_q3", "grad_G_q4"] and want > 1
+    assert torch.equal(got["grad_norm_G"], want)  # the norm before clipping, and the same clipping as torch's
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()))
+    for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms (before clipping)
         assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
 
 
