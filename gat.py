@@ -751,19 +751,18 @@ def update_ema(ema, model, decay):
 
 # ------------------------------------------------------------------------------------------------
 # 9. Data. ImageNet: the folder prep_latents.py writes and its load_latents reads (memory-mapped float16
-# posterior moments, uint8 images for REPA, labels). Every step draws a fresh posterior sample latent =
-# scale (mean + std eps - shift) on the device, with the VAE's factors (SD-VAE: 0.18215, 0). The order is a seeded permutation per epoch; the global batch
-# at step s is perm[s*B:(s+1)*B] and rank r takes its slice, so the data position is the step itself and
-# a resume continues the exact sequence.
+# posterior moments, uint8 images for REPA, labels). Every step draws a fresh posterior sample, latent =
+# scale (mean + std eps - shift), on the device (SD-VAE: scale 0.18215, shift 0). The order is a seeded
+# permutation per epoch; the global batch at step s is perm[s*B:(s+1)*B] and rank r takes its slice, so the
+# data position is the step itself and a resume continues the exact sequence.
 def batch_rows(n, B, b, rank, seed, step):
     """Rows (of n) in rank's share b of global batch `step` of size B, drop-last epochs."""
     epoch, j = divmod(step, n // B)
     return epoch_permutation(n, seed, epoch)[j * B + rank * b: j * B + (rank + 1) * b]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=2)  # 1.28M indices drawn once per epoch, not per step
 def epoch_permutation(n, seed, epoch):
-    """The data order of one epoch (cached: 1.28M indices are drawn once per epoch, not per step)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).numpy()
 
 
@@ -851,10 +850,8 @@ def atomic_save(obj, path):
         os.fsync(f.fileno())
     os.replace(tmp, path)
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    os.fsync(dir_fd)  # make the rename itself durable
+    os.close(dir_fd)
 
 
 def read_torch_file(path):
@@ -885,13 +882,11 @@ def load_checkpoint(path):
 
 def upgrade_checkpoint(ckpt):
     """Older checkpoints' configs: without fixed_pos_embed they were trained with fixed position tables,
-    so they resume and load as that ablation; without latent_scale, on SD-VAE latents; "run" is the name."""
+    so they resume and load as that ablation; without latent_scale, on SD-VAE latents; "run" is the name
+    (torchrun on Python 3.11 refuses --run as ambiguous)."""
     if isinstance(ckpt.get("config"), dict):
-        ckpt["config"].setdefault("fixed_pos_embed", True)
-        ckpt["config"].setdefault("latent_scale", LATENT_SCALE)
-        ckpt["config"].setdefault("latent_shift", 0.0)
-        if "run" in ckpt["config"]:  # renamed: torchrun (Python 3.11) refuses --run as ambiguous
-            ckpt["config"]["name"] = ckpt["config"].pop("run")
+        old = dict(fixed_pos_embed=True, latent_scale=LATENT_SCALE, latent_shift=0.0, name=ckpt["config"].pop("run", ""))
+        ckpt["config"] = old | ckpt["config"]
     return ckpt
 
 
@@ -1444,15 +1439,12 @@ def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
     return act + stats + maps
 
 
-def matmul_params(model):
-    return sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-
-
 def weight_copies(model, bf16):
     """Bytes of weights a forward with grad keeps as new tensors: bf16 casts of every matmul weight, or
     in fp32 the equalized layers' scaled weights."""
-    eq = sum(m.weight.numel() for m in model.modules() if isinstance(m, EqualizedLinear))
-    return 2 * matmul_params(model) if bf16 else 4 * eq
+    if bf16:
+        return 2 * sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    return 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, EqualizedLinear))
 
 
 def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher=None):
@@ -1482,7 +1474,7 @@ def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher
     # (fp32 input and normalised, matmul input) and D frozen at B rows, each with the inputs' casts
     d_step = blocks(nd, 4 * rows, T + 1) + 4 * rows * final + 4 * image * a + repa + weight_copies(D, bf16)
     g_step = (blocks(ng, rows, T, modulated=True) + rows * K * T * C * (2 * f32 + a) + blocks(nd, rows, T + 1, frozen=True) + 2 * image * f32
-              + rows * final + weight_copies(G, bf16) + (2 * matmul_params(D) if bf16 else 0))
+              + rows * final + weight_copies(G, bf16) + bf16 * weight_copies(D, bf16))
     # transients on top: the gradients of one block's tensors in backward (about one block's saved
     # bytes); a recomputed block's tensors, which add to the peak only when every block is recomputed
     # (run_blocks); and the teacher's no-grad forward in the D step
@@ -1507,9 +1499,8 @@ def parse_grad_ckpt(value, depth):
     raise UserError(f"--grad-ckpt {value!r}: expected auto, off, all or a number of blocks 0..{depth} per model")
 
 
-# What the allocator holds beyond the step's live tensors: on a CPU the freed blocks malloc keeps and
-# their fragmentation; on a GPU the caching allocator's reserved beyond allocated (test_gat.py holds the
-# device figure within 15% of the peak RSS on a CPU, of the reserved memory on a GPU).
+# What the allocator holds beyond the step's live tensors: freed blocks malloc keeps (CPU), the caching
+# allocator's reserved beyond allocated (GPU). test_gat.py holds the device figure to the measured one.
 ALLOCATOR_SLACK = {"cuda": 0.15, "cpu": 0.60}
 
 
@@ -1529,17 +1520,14 @@ def memory_outside_tensors(device, world):
 
 
 def process_memory(key):
-    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes (getrusage's
-    ru_maxrss would also count a parent's memory at the fork)."""
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes (not ru_maxrss: the parent's)."""
     with open("/proc/self/status") as f:
         return 1024 * int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1))
 
 
 def device_figure(est, outside, device):
-    """The estimate as the device sees it: what is held outside the tensors, the persistent tensors, and
-    the step's tensors with the allocator's slack on them."""
-    step = est["peak"] - est["persistent"]
-    return outside + est["persistent"] + step * (1 + ALLOCATOR_SLACK[device.type])
+    """The estimate as the device sees it: held outside tensors + persistent tensors + the step's with slack."""
+    return outside + est["persistent"] + (est["peak"] - est["persistent"]) * (1 + ALLOCATOR_SLACK[device.type])
 
 
 def memory_budget(device, outside):
@@ -1569,8 +1557,7 @@ def choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device):
     return ckpt, est
 
 
-def per_rank_rows(cfg, world):
-    """Rows of one forward on one process: the micro-batch the memory estimate is for."""
+def per_rank_rows(cfg, world):  # one forward's rows on one process: the micro-batch the estimate is for
     return cfg.batch_size // (world * cfg.grad_accum)
 
 
@@ -1713,41 +1700,33 @@ def benchmark(cfg, warmup=3, iters=None):
         out = step()
     assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"
     dt = timed(step, device, iters)
-    host_syncs, flops = count_host_syncs(step, device), model_flops(cfg, teacher)["per_iteration"] * b
+    flops = model_flops(cfg, teacher)["per_iteration"] * b
     # measured as the estimate counts: the device's whole use (GPU: the allocator's reserved memory plus
     # what was held outside it at the start; CPU: the process's peak RSS) and, on a GPU, the tensors'
     if device.type == "cuda":
-        peak, peak_what = gpu_peak_flops(device)
-        tensors, held = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device) + outside
-        mem = f"{held / 2**30:.1f} GiB on the GPU (tensors {tensors / 2**30:.1f} GiB)"
+        (peak, peak_what), tensors = gpu_peak_flops(device), torch.cuda.max_memory_allocated(device)
+        held = torch.cuda.max_memory_reserved(device) + outside
     else:
         tensors, held, peak = None, process_memory("VmHWM"), max(cpu_peak, cpu_matmul_peak())
         peak_what = f"fp32 matmul peak measured in this run on {torch.get_num_threads()} CPU threads: {peak / 1e9:.1f} GFLOP/s"
-        mem = f"{held / 2**30:.1f} GiB RSS"
     sb = 256 if device.type == "cuda" else b  # sampling: sample.py's batch on a GPU
-    y = torch.randint(0, 1000, (sb,), device=device)
-    sample = lambda: G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), y)
+    sample = lambda: G_ema.generate(torch.randn(sb, cfg.z_dim, device=device), torch.randint(0, 1000, (sb,), device=device))
     with autocast:
         sample()
         sample_s = timed(sample, device, iters)
     r = dict(size=cfg.size, patch=cfg.patch, batch=b, device=str(device), compile=cfg.compile,
              precision="bf16" if use_bf16(cfg, device) else "fp32", repa=teacher is not None,
              ms_per_iteration=dt * 1e3, images_per_s=b / dt, gflops_per_iteration=flops / 1e9,
-             achieved_tflops=flops / dt / 1e12, mfu=flops / dt / peak, peak=peak_what, peak_memory=mem,
-             host_syncs_per_step=host_syncs, recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
+             achieved_tflops=flops / dt / 1e12, mfu=flops / dt / peak, peak=peak_what,
+             host_syncs_per_step=count_host_syncs(step, device), recomputed_blocks_D_G=[D_raw.ckpt_blocks, G_raw.ckpt_blocks],
              estimated_device_gib=est["device"] / 2**30, measured_device_gib=held / 2**30,
              estimated_tensors_gib=est["peak"] / 2**30, measured_tensors_gib=tensors and tensors / 2**30,
              sample_G_images_per_s=sb / sample_s)
     if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
         r["loader_images_per_s"] = loader_rate(cfg, device)
     print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({r['precision']}, compile={cfg.compile}, REPA={r['repa']}): "
-          f"{r['ms_per_iteration']:.1f} ms/iteration, {r['images_per_s']:.1f} images/s, {r['gflops_per_iteration']:.1f} "
-          f"GFLOP/iteration -> {r['achieved_tflops']:.3f} TFLOP/s, MFU {r['mfu']:.1%} ({peak_what}); peak memory {mem}; "
-          f"sampling (G only; sample.py reports with the VAE) {r['sample_G_images_per_s']:.1f} images/s"
-          + (f"; {host_syncs} host syncs per step" if host_syncs is not None else "")
-          + (f"; data loader alone {r['loader_images_per_s']:.0f} images/s ({cfg.num_workers} workers)"
-             if "loader_images_per_s" in r else ""))
-    print(memory_line + f" (measured: {mem})")
+          f"{r['ms_per_iteration']:.1f} ms/iteration, {r['images_per_s']:.1f} images/s, MFU {r['mfu']:.1%} ({peak_what}); "
+          f"sampling (G only) {r['sample_G_images_per_s']:.1f} images/s\n{memory_line} (measured: {held / 2**30:.1f} GiB)")
     print(json.dumps(r))
     return r
 
