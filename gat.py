@@ -616,8 +616,9 @@ def approx_gradient_penalty(logits, logits_nudged, sigma):
 
 
 def exact_gradient_penalty(logits, inputs):
+    """||grad_x D(x)||^2, averaged over the batch; inputs [B, C, H, W] or, for the K levels, [K, B, C, H, W]."""
     (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
-    return grad.square().flatten(1).sum(1).mean() if grad.dim() == 4 else grad.square().sum((0, 2, 3, 4)).mean()
+    return grad.square().sum() / grad.shape[-4]
 
 
 def repa_loss(d_feats, teacher_feats):
