@@ -1055,11 +1055,7 @@ def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
     return logs | logs_G
 
 
-STOP = {"signal": None}
-
-
-def request_stop(signum, frame):
-    STOP["signal"] = signum  # acted on at the end of the log interval: checkpoint, then a clean exit
+STOP = {"signal": None}  # SIGTERM or Ctrl-C, acted on at the end of the log interval: a checkpoint, a clean exit
 
 
 def setup_distributed(cfg):
@@ -1306,8 +1302,8 @@ def train(cfg):
     sync, the logs, and a checkpoint when due. A signal or the time budget ends it with a checkpoint; a
     NaN ends it without one, keeping the last good checkpoint."""
     run = open_run(cfg)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: STOP.update(signal=signum))
     bar, sums, n_sum, stop_reason = progress_bar(cfg, run.step, run.master), {}, 0, None
     t_start = t_last = t_bar = time.time()
     due = lambda every: every and run.step % every == 0
