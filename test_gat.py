@@ -61,13 +61,19 @@ def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4, 
     return G, D
 
 
-def tiny_vae(path):
-    """A random AutoencoderKL with SD-VAE's interface (4 latent channels, 8x downsampling), saved by path."""
+def tiny_vae(path, **config):
+    """A random AutoencoderKL with SD-VAE's interface (4 latent channels, 8x downsampling) unless config says
+    otherwise, saved by path."""
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                  sample_size=32).save_pretrained(path)
+    AutoencoderKL(**dict(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                         norm_num_groups=4, sample_size=32) | config).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    return tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 def tiny_teacher():
@@ -1237,11 +1243,6 @@ def _prep_handmade(w=530, h=260):
 
 
 @pytest.fixture(scope="session")
-def _prep_vae(tmp_path_factory):
-    return tiny_vae(tmp_path_factory.mktemp("vae"))
-
-
-@pytest.fixture(scope="session")
 def _prep_tree(tmp_path_factory):
     root, rng = tmp_path_factory.mktemp("images"), np.random.default_rng(0)
     for name, (w, h, *mode) in _PREP_RANDOM_IMAGES.items():
@@ -1264,10 +1265,10 @@ def _prep_args(images, out, vae, *extra):
 
 
 @pytest.fixture(scope="session")
-def _prep_reference(tmp_path_factory, _prep_tree, _prep_vae):
+def _prep_reference(tmp_path_factory, _prep_tree, vae_dir):
     """One uninterrupted single-process run, the result the other runs must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    prep_latents.main(_prep_args(_prep_tree, out, _prep_vae))
+    prep_latents.main(_prep_args(_prep_tree, out, vae_dir))
     return out
 
 
@@ -1302,13 +1303,13 @@ def test_prep_center_crop_adm_rule():
     assert np.array_equal(prep_latents.center_crop(small, 64), np.asarray(small.resize((64, 99), Image.BICUBIC))[17:81])
 
 
-def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
+def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     out = _prep_reference
     arrays, m = _prep_read(out)
     n = len(_PREP_FILES)
     assert m["format"] == "gat-latents-v1" and m["complete"] is True
     assert (m["count"], m["num_valid"], m["resolution"], m["latent_shape"]) == (n, n - 2, 32, [4, 4, 4])
-    assert (m["vae"], m["latent_scale"], m["num_classes"]) == (_prep_vae, 0.18215, 5)
+    assert (m["vae"], m["latent_scale"], m["num_classes"]) == (vae_dir, 0.18215, 5)
     assert m["class_names"] == ["ant", "bee", "cat", "dog", "eel"]
     expected = {"moments": ("float16", (n, 8, 4, 4)), "images": ("uint8", (n, 32, 32, 3)),
                 "labels": ("int64", (n,)), "valid": ("bool", (n,))}
@@ -1335,7 +1336,7 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
     assert np.array_equal(images[_PREP_FILES.index("cat/c0.png")], prep_latents.center_crop(_prep_handmade(), 32))
 
     # The moments are the VAE posterior of each slot's own image: mean, then std with diffusers' clamp.
-    vae = AutoencoderKL.from_pretrained(_prep_vae)
+    vae = AutoencoderKL.from_pretrained(vae_dir)
     with torch.no_grad():
         post = vae.encode(torch.from_numpy(images[valid]).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist
     want = torch.cat([post.mean, post.std], 1).numpy()
@@ -1347,7 +1348,7 @@ def test_prep_output_format(_prep_reference, _prep_tree, _prep_vae):
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
-def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fails_at_start(_prep_reference, _prep_vae,
+def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fails_at_start(_prep_reference, vae_dir,
                                                                                            tmp_path, monkeypatch):
     teacher = tiny_teacher()
     monkeypatch.setattr(gat, "build_repa_teacher", lambda name, pretrained=True, img_size=224: teacher)
@@ -1359,7 +1360,7 @@ def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fail
     assert os.path.isfile(tmp_path / "p" / "samples_0000003_trunc0.png")
     ckpt = ckpt_of(tmp_path, "p")
     assert ckpt["step"] == 3 and ckpt["config"]["data_kind"] == "latent" and ckpt["config"]["input_size"] == 4
-    assert ckpt["config"]["num_classes"] == 5 and ckpt["config"]["vae"] == _prep_vae
+    assert ckpt["config"]["num_classes"] == 5 and ckpt["config"]["vae"] == vae_dir
     assert os.path.isfile(tmp_path / "p" / "checkpoints" / "0000003.pt")
     lines = [json.loads(line) for line in open(tmp_path / "p" / "metrics.jsonl")]
     assert all(line["repa_cls"] > 0 and math.isfinite(line["repa_patch"]) for line in lines)
@@ -1371,16 +1372,16 @@ def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fail
     with pytest.raises(ValueError, match="cannot load the VAE 'none'.*--vae DIR"):
         gat.train(cfg)
     assert not os.path.exists(tmp_path / "v" / "metrics.jsonl")  # refused before any training
-    cfg.vae = str(shutil.copytree(_prep_vae, tmp_path / "vae"))
+    cfg.vae = str(shutil.copytree(vae_dir, tmp_path / "vae"))
     gat.train(cfg)
     assert ckpt_of(tmp_path, "v")["config"]["vae"] == cfg.vae
     assert os.path.isfile(tmp_path / "v" / "samples_0000001_trunc0.png")  # decoded through the VAE given
 
 
-def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_reference, _prep_tree, _prep_vae, tmp_path,
+def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_reference, _prep_tree, vae_dir, tmp_path,
                                                                     monkeypatch, capsys):
     out = tmp_path / "out"
-    args = _prep_args(_prep_tree, out, _prep_vae)
+    args = _prep_args(_prep_tree, out, vae_dir)
     # SIGKILL (no cleanup, no flush) when the loader reaches cat/c1.jpg, slot 10: shards 0-1 (slots 0-7) are
     # done, shard 2 is half written (slots 8-9), shard 3 untouched.
     code = (f"import os, signal, sys; sys.path.insert(0, {HERE!r}); import prep_latents\n"
@@ -1425,9 +1426,9 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
         gat.load_latents(str(out))
 
 
-def test_prep_two_ranks(_prep_reference, _prep_tree, _prep_vae, tmp_path):
+def test_prep_two_ranks(_prep_reference, _prep_tree, vae_dir, tmp_path):
     out = tmp_path / "out"  # gloo on the CPU, 1 loader worker each
-    python("prep_latents.py", *_prep_args(_prep_tree, out, _prep_vae), "--workers", "1", torchrun="--standalone",
+    python("prep_latents.py", *_prep_args(_prep_tree, out, vae_dir), "--workers", "1", torchrun="--standalone",
            timeout=120)
     slots = {0: set(), 1: set()}
     for name in os.listdir(out / "progress"):
@@ -1438,7 +1439,7 @@ def test_prep_two_ranks(_prep_reference, _prep_tree, _prep_vae, tmp_path):
     _prep_assert_same(out, _prep_reference)
 
 
-def test_prep_ref_stats(tmp_path, _prep_vae):
+def test_prep_ref_stats(tmp_path, vae_dir):
     torch.manual_seed(0)
     torch.save(fid.InceptionV3FID().state_dict(), tmp_path / "inception.pth")
     images = tmp_path / "images"
@@ -1448,7 +1449,7 @@ def test_prep_ref_stats(tmp_path, _prep_vae):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / "one" / f"{i}.png")
     (images / "one" / "bad.jpg").write_bytes(b"nope")
     out = tmp_path / "out"
-    prep_latents.main(_prep_args(images, out, _prep_vae, "--ref-stats", str(tmp_path / "ref.npz"),
+    prep_latents.main(_prep_args(images, out, vae_dir, "--ref-stats", str(tmp_path / "ref.npz"),
                                  "--inception", str(tmp_path / "inception.pth")))
     valid = np.load(out / "valid.npy")
     assert valid.tolist() == [True, True, False]
@@ -1485,7 +1486,11 @@ def _sample_pixel_ckpt(tmp_path_factory):
 
 
 def _sample_run(*argv):
+    """sample.py with argv -> (images, labels) of the .npz it wrote in --out (None if it wrote none)."""
     sample.main([str(a) for a in argv])
+    for npz in Path(argv[list(argv).index("--out") + 1]).glob("samples_*.npz"):
+        with np.load(npz) as f:
+            return f["arr_0"], f["arr_1"]
 
 
 def _sample_error(capsys, *argv):
@@ -1501,17 +1506,14 @@ def _sample_expected(G, z, y, truncation=0.0, guidance=1.0):
 
 def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp_path):
     # 10 images in batches of 4: the ranks get 4 and 6 images, one a partial batch; 1 image: rank 0 gets none
-    for n, extra in ((10, []), (1, ["--no-png"])):
+    for n, extra in ((1, ["--no-png"]), (10, [])):
         args = ["--ckpt", _sample_pixel_ckpt, "--num-images", n, "--batch-size", 4, "--seed", 3, *extra]
-        _sample_run(*args, "--out", tmp_path / f"one_{n}")
+        x, y = _sample_run(*args, "--out", tmp_path / f"one_{n}")
         proc = python("sample.py", *args, "--out", tmp_path / f"two_{n}", torchrun="--standalone", timeout=120)
         assert "images/s on 2 process(es)" in proc.stdout
         one, two = (tmp_path / f"{d}_{n}" / f"samples_{n}x8x8x3.npz" for d in ("one", "two"))
         assert one.read_bytes() == two.read_bytes()
-    one = tmp_path / "one_10" / "samples_10x8x8x3.npz"
-    with np.load(one) as f:
-        x, y = f["arr_0"], f["arr_1"]
-    assert x.dtype == np.uint8 and x.shape == (10, 8, 8, 3)
+    assert x.dtype == np.uint8 and x.shape == (10, 8, 8, 3)  # the 10 of the last round
     assert (x[..., 0] == x[..., 1]).all() and (x[..., 0] == x[..., 2]).all()  # grayscale in three channels
     assert x.max() - x.min() > 100 and len({im.tobytes() for im in x}) == 10
     assert y.dtype == np.int64 and y.shape == (10,) and ((0 <= y) & (y < 10)).all()
@@ -1526,36 +1528,29 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
 def test_sample_images_come_from_seed_and_index_and_truncate_to_class_means(_sample_pixel_ckpt, tmp_path):
     G, _ = sample.load_generator(_sample_pixel_ckpt)
     z, y_random = sample.latent_codes(5, range(12), G.z_dim, 10)
-
-    def npz(name, *extra):
-        _sample_run("--ckpt", _sample_pixel_ckpt, "--num-images", 12, "--batch-size", 12, "--seed", 5, "--no-png",
-                    "--out", tmp_path / name, *extra)
-        with np.load(tmp_path / name / "samples_12x8x8x3.npz") as f:
-            return f["arr_0"], f["arr_1"]
-
+    npz = lambda name, *extra: _sample_run("--ckpt", _sample_pixel_ckpt, "--num-images", 12, "--batch-size", 12,
+                                           "--seed", 5, "--no-png", "--out", tmp_path / name, *extra)
     x, y = npz("random")
     assert (y == y_random.numpy()).all() and len(set(y.tolist())) > 3
     assert (x == _sample_expected(G, z, y_random)).all()  # truncation 0 = the untruncated G
     x_bal, y_bal = npz("balanced", "--classes", "balanced")
-    assert (y_bal == np.arange(12) % 10).all()
-    assert (x_bal == _sample_expected(G, z, torch.arange(12) % 10)).all()
+    assert (y_bal == np.arange(12) % 10).all() and (x_bal == _sample_expected(G, z, torch.arange(12) % 10)).all()
     x_full, y_full = npz("full", "--classes", "3,7", "--truncation", "1")
     assert (y_full == [3, 7] * 6).all()
     class_mean = sample.to_uint8(G.synthesis(G.w_avg[[3, 7]])[-1]).numpy()
     assert (x_full[0::2] == class_mean[0]).all() and (x_full[1::2] == class_mean[1]).all()
     assert (class_mean[0] != class_mean[1]).any()
     x_half, _ = npz("half", "--classes", "3,7", "--truncation", "0.5")
-    x_none = _sample_expected(G, z, torch.tensor([3, 7] * 6))
-    assert (x_half != x_none).any() and (x_half != x_full).any()
+    assert (x_half != _sample_expected(G, z, torch.tensor([3, 7] * 6))).any() and (x_half != x_full).any()
     x_free, _ = npz("class_free", "--classes", "3,7", "--truncation", "0.5", "--guidance", "0")
     assert (x_free == _sample_expected(G, z, torch.tensor([3, 7] * 6), 0.5, 0.0)).all() and (x_free != x_half).any()
-    x_raw, _ = npz("raw", "--raw")
-    assert (x_raw != x).any()
-    x_seed, _ = npz("other_seed", "--seed", 6)
-    assert (x_seed != x).any()
+    assert (npz("raw", "--raw")[0] != x).any() and (npz("other_seed", "--seed", 6)[0] != x).any()
 
 
-def test_sample_grid_rows_classes_columns_seeds_blocks_truncations(_sample_pixel_ckpt, tmp_path):
+def test_sample_grid_interpolation_and_block_contributions(_sample_pixel_ckpt, tmp_path, capsys):
+    """Grids: rows classes, columns seeds, blocks truncations or guidances. Interpolation strips end at the two
+    images. --block-contributions: row k is the RMS change of G's output when block k adds nothing, checked against
+    a copy of G whose block k has its gates g1, g2 set to zero (x + 0 * branch = x)."""
     _sample_run("--ckpt", _sample_pixel_ckpt, "--grid", "--classes", "0,1,2", "--cols", 4, "--truncation", 0, 1,
                 "--out", tmp_path)
     im = np.asarray(Image.open(tmp_path / "grid_seed0_trunc0-1.png"))
@@ -1570,10 +1565,7 @@ def test_sample_grid_rows_classes_columns_seeds_blocks_truncations(_sample_pixel
     first, tiles = tiles, im[1:, 1:].reshape(2, 9, 4, 9)[:, :8, :, :8].transpose(0, 2, 1, 3)  # [row, column, 8, 8]
     assert (tiles[:, :2] == first[:2, :2]).all()  # guidance 1: the unguided images
     assert (tiles[0, 2:] == tiles[1, 2:]).all() and (tiles[0, :2] != tiles[1, :2]).any()  # guidance 0: class-free
-
-
-def test_sample_interpolation_ends_at_the_two_images(_sample_pixel_ckpt, tmp_path):
-    G, _ = sample.load_generator(_sample_pixel_ckpt)
+    G, cfg = sample.load_generator(_sample_pixel_ckpt)
     z, _ = sample.latent_codes(0, [2, 5], G.z_dim, 10)
     rounded = lambda x: ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()  # as gat.save_grid
     for classes, ends in (("4", ([4, 4], z)), ("4,9", ([4, 9], z[:1].expand(2, -1)))):
@@ -1588,6 +1580,23 @@ def test_sample_interpolation_ends_at_the_two_images(_sample_pixel_ckpt, tmp_pat
         frames = strip[1:, 1:].reshape(9, 5, 9)[:8, :, :8].transpose(1, 0, 2)  # [frame, 8, 8]
         assert np.abs(frames[[0, -1]].astype(int) - expected).max() <= 1
         assert (frames[2] != frames[0]).any() and (frames[2] != frames[-1]).any()
+    capsys.readouterr()
+    _sample_run("--ckpt", _sample_pixel_ckpt, "--block-contributions", 6, "--batch-size", 4, "--seed", 2, "--out", tmp_path)
+    assert "block  level  distance" in capsys.readouterr().out
+    r = json.loads((tmp_path / "block_contributions.json").read_text())
+    z, y = sample.latent_codes(2, range(6), cfg.z_dim, cfg.num_classes)
+    ref, C = G.generate(z, y), G.width
+    assert r["metric"] == "rms_pixel" and r["num_levels"] == 4 and r["images"] == 6 and len(r["blocks"]) == 4
+    for k, row in enumerate(r["blocks"]):
+        gated = copy.deepcopy(G)
+        with torch.no_grad():
+            for rows in (slice(C, 2 * C), slice(3 * C, 4 * C)):  # (s1, g1, s2, g2): the gates g1 and g2
+                gated.blocks[k].modulation.weight[rows] = 0
+                gated.blocks[k].modulation.bias[rows] = 0
+        want = (gated.generate(z, y) - ref).square().flatten(1).mean(1).sqrt().mean().item()
+        assert row["distance"] == pytest.approx(want, rel=1e-4, abs=1e-7) and want > 0, k
+        assert row["block"] == k + 1 and row["level"] == k + 1  # tiny: depth 4, K = 4, a head after every block
+    assert "separate modes" in _sample_error(capsys, "--ckpt", _sample_pixel_ckpt, "--grid", "--block-contributions", 2)
 
 
 def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_pixel_ckpt, tmp_path, capsys):
@@ -1616,13 +1625,10 @@ def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_p
                                            "--out", tmp_path / "twice")
 
 
-def test_sample_latent_checkpoint_decodes_with_a_vae_given_by_path(tmp_path, capsys):
-    vae_dir = tiny_vae(tmp_path / "vae")
+def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_path(tmp_path, capsys, vae_dir):
     ckpt = _sample_save_checkpoint(tmp_path / "latent.pt", num_classes=3, channels=4, input_size=4,
                                    data_kind="latent", vae=vae_dir)
-    _sample_run("--ckpt", ckpt, "--num-images", 3, "--batch-size", 2, "--out", tmp_path / "s")
-    with np.load(tmp_path / "s" / "samples_3x32x32x3.npz") as f:
-        x, y = f["arr_0"], f["arr_1"]
+    x, y = _sample_run("--ckpt", ckpt, "--num-images", 3, "--batch-size", 2, "--out", tmp_path / "s")
     assert x.dtype == np.uint8 and x.shape == (3, 32, 32, 3) and len(os.listdir(tmp_path / "s" / "images")) == 3
     G, _ = sample.load_generator(ckpt)
     vae = gat.load_vae(vae_dir, torch.device("cpu"))
@@ -1642,32 +1648,7 @@ def test_sample_latent_checkpoint_decodes_with_a_vae_given_by_path(tmp_path, cap
     assert "is not a folder holding an AutoencoderKL" in err
     _sample_run("--ckpt", missing, "--vae", vae_dir, "--num-images", 1, "--no-png", "--out", tmp_path / "m")
     assert os.listdir(tmp_path / "m") == ["samples_1x32x32x3.npz"]
-
-
-def authors_layout(G):
-    """G's weights under the authors' generator.py names, with their 4 extra tensors."""
-    ours, theirs = G.state_dict(), {}
-    C, p, ch = G.width, G.patch, G.channels
-    theirs.update({"pos_embed": ours["tokens"], "y_embedder.embedding_table.weight": ours["class_embed.weight"],
-                   "w_avg": ours["w_avg"], "x_embedder.proj.weight": torch.randn(C, ch, p, p),
-                   "x_embedder.proj.bias": torch.randn(C), "feat_rope.freqs_cos": G.rope_cos.clone(),
-                   "feat_rope.freqs_sin": G.rope_sin.clone()})
-    pairs = [(f"latent_embedder.{i}", f"mapping.{i}") for i in (0, 2)]
-    for i in range(len(G.blocks)):
-        pairs += [(f"blocks.{i}.{a}", f"blocks.{i}.{b}") for a, b in (
-            ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.w12", "ffn.w12"), ("mlp.w3", "ffn.w3"),
-            ("adaLN_modulation.1", "modulation"))]
-        for n in ("q_norm", "k_norm"):
-            theirs[f"blocks.{i}.attn.{n}.weight"] = ours[f"blocks.{i}.attn.{n}.weight"]
-    pairs += [(f"final_layers.{k}.{a}", f"heads.{k}.{b}") for k in range(len(G.heads))
-              for a, b in (("linear", "linear"), ("adaLN_modulation.1", "modulation"))]
-    for a, b in pairs:
-        theirs[f"{a}.weight"], theirs[f"{a}.bias"] = ours[f"{b}.weight"], ours[f"{b}.bias"]
-    assert len(theirs) == len(ours) + 4  # every tensor of ours, plus their 4 extra ones
-    return theirs
-
-
-def test_authors_checkpoints_give_the_same_images(tmp_path):
+    # the authors' checkpoints: the same images as the G they hold, in every layout they were saved in
     torch.manual_seed(0)
     G_raw, _ = tiny_models(channels=4, input_size=8)
     G = copy.deepcopy(G_raw)
@@ -1691,9 +1672,31 @@ def test_authors_checkpoints_give_the_same_images(tmp_path):
     assert cfg.vae == "stabilityai/sd-vae-ft-ema" and sample.load_generator(str(tmp_path / "full.pt"))[1].vae.endswith("mse")
     raw, _ = sample.load_generator(str(tmp_path / "full.pt"), ema=False)
     assert torch.equal(raw.generate(z, y), G_raw.generate(z, y)) and not torch.equal(raw.generate(z, y), G.generate(z, y))
-    vae_dir = tiny_vae(tmp_path / "vae")  # and so sample.py
-    _sample_run("--ckpt", tmp_path / "full.pt", "--vae", vae_dir, "--num-images", 2, "--no-png", "--out", tmp_path / "s")
-    assert os.listdir(tmp_path / "s") == ["samples_2x64x64x3.npz"]
+    _sample_run("--ckpt", tmp_path / "full.pt", "--vae", vae_dir, "--num-images", 2, "--no-png", "--out", tmp_path / "a")
+    assert os.listdir(tmp_path / "a") == ["samples_2x64x64x3.npz"]
+
+
+def authors_layout(G):
+    """G's weights under the authors' generator.py names, with their 4 extra tensors."""
+    ours, theirs = G.state_dict(), {}
+    C, p, ch = G.width, G.patch, G.channels
+    theirs.update({"pos_embed": ours["tokens"], "y_embedder.embedding_table.weight": ours["class_embed.weight"],
+                   "w_avg": ours["w_avg"], "x_embedder.proj.weight": torch.randn(C, ch, p, p),
+                   "x_embedder.proj.bias": torch.randn(C), "feat_rope.freqs_cos": G.rope_cos.clone(),
+                   "feat_rope.freqs_sin": G.rope_sin.clone()})
+    pairs = [(f"latent_embedder.{i}", f"mapping.{i}") for i in (0, 2)]
+    for i in range(len(G.blocks)):
+        pairs += [(f"blocks.{i}.{a}", f"blocks.{i}.{b}") for a, b in (
+            ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.w12", "ffn.w12"), ("mlp.w3", "ffn.w3"),
+            ("adaLN_modulation.1", "modulation"))]
+        for n in ("q_norm", "k_norm"):
+            theirs[f"blocks.{i}.attn.{n}.weight"] = ours[f"blocks.{i}.attn.{n}.weight"]
+    pairs += [(f"final_layers.{k}.{a}", f"heads.{k}.{b}") for k in range(len(G.heads))
+              for a, b in (("linear", "linear"), ("adaLN_modulation.1", "modulation"))]
+    for a, b in pairs:
+        theirs[f"{a}.weight"], theirs[f"{a}.bias"] = ours[f"{b}.weight"], ours[f"{b}.bias"]
+    assert len(theirs) == len(ours) + 4  # every tensor of ours, plus their 4 extra ones
+    return theirs
 
 
 # ==== fid.py ==========================================================================================================
@@ -2053,10 +2056,10 @@ def _bad_inputs(t, vae):
     return [(script, argv.split(), named) for script, argv, named in cases]
 
 
-def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, _prep_vae):
+def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, vae_dir):
     """main(argv) of each script: exit non-zero with one `error:` line naming the flag, no traceback."""
     modules = {"gat": gat, "sample": sample, "fid": fid, "prep_latents": prep_latents}
-    cases = _bad_inputs(tmp_path, _prep_vae)
+    cases = _bad_inputs(tmp_path, vae_dir)
     for script, argv, named in cases:
         with pytest.raises(SystemExit) as e:
             modules[script].main(argv)
@@ -2077,91 +2080,6 @@ def test_as_processes_importing_gat_is_silent_and_a_wrong_invocation_prints_one_
         out = python(script, *argv, ok=False, timeout=120)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
-                         + sys.argv[1:]))
-
-
-def test_other_vae_and_a_flat_folder_from_images_to_latents_training_samples_and_fid(tmp_path, monkeypatch, capsys,
-                                                                                     mean_inception):
-    """A 16-channel VAE with scale 1.5 and shift 0.1 (SD3-style), on a flat folder (one class, unconditional):
-    prep_latents records both factors and the channels, training scales by them, sample.py decodes with them."""
-    rng = np.random.default_rng(0)
-    flat = tmp_path / "flat"
-    (flat / ".cache").mkdir(parents=True)
-    (flat / ".cache" / "not-an-image.png").write_bytes(b"")  # a hidden folder is no class and no image
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(flat / f"{i}.png")
-    torch.manual_seed(0)
-    vae = str(tmp_path / "vae16")
-    AutoencoderKL(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=16, norm_num_groups=4,
-                  sample_size=32, scaling_factor=1.5, shift_factor=0.1).save_pretrained(vae)
-    prep_latents.main(_prep_args(flat, tmp_path / "lat", vae))
-    assert "no class subfolders: one class, unconditional" in capsys.readouterr().out
-    _, manifest = _prep_read(tmp_path / "lat")
-    assert manifest["latent_shape"] == [16, 4, 4] and manifest["class_names"] == [""] and manifest["num_classes"] == 1
-    assert (manifest["latent_scale"], manifest["latent_shift"], manifest["count"]) == (1.5, 0.1, 6)
-    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), name="u", batch_size=2,
-                     num_workers=0, steps=2, sample_every=2, repa_weight=0.0)
-    data = gat.prepare_data(dataclasses.replace(cfg))
-    probe = dataclasses.replace(cfg, channels=16, latent_scale=1.5, latent_shift=0.1, data_kind="latent")
-    with monkeypatch.context() as m:
-        m.setattr(torch, "randn_like", torch.ones_like)  # eps = 1: the posterior sample is mean + std
-        x = next(gat.batch_iterator(data, probe, 0, 1, 0, torch.device("cpu")))[0]
-    rows = np.sort(data["index"][gat.batch_rows(6, 2, 2, 0, 0, 0)])
-    mean, std = torch.from_numpy(data["moments"][rows]).float().chunk(2, dim=1)
-    assert torch.equal(x, 1.5 * (mean + std - 0.1))  # latent = scale * (z - shift)
-    gat.train(cfg)
-    ckpt = ckpt_of(tmp_path, "u")
-    assert {k: ckpt["config"][k] for k in ("channels", "latent_scale", "latent_shift", "num_classes")} == \
-        dict(channels=16, latent_scale=1.5, latent_shift=0.1, num_classes=1)
-    assert os.path.isfile(tmp_path / "u" / "samples_0000002_trunc0.png")  # one row: the one class
-
-    class Recording:  # what the decoder receives: the latents unscaled and unshifted
-        dtype = torch.float32
-
-        def decode(self, z):
-            self.seen = z
-            return types.SimpleNamespace(sample=z)
-    stub, lat = Recording(), torch.randn(3, 16, 4, 4)
-    gat.decode_latents(stub, lat, 1.5, 0.1)
-    assert torch.allclose(stub.seen, lat / 1.5 + 0.1)
-    out = tmp_path / "samples"
-    sample.main(["--ckpt", str(tmp_path / "u" / "checkpoints" / "latest.pt"), "--num-images", "3", "--out", str(out),
-                 "--device", "cpu", "--batch-size", "3"])
-    assert np.load(out / "samples_3x32x32x3.npz")["arr_1"].tolist() == [0, 0, 0]
-    capsys.readouterr()
-    np.savez(tmp_path / "real.npz", arr_0=np.load(tmp_path / "lat" / "images.npy"))  # the 6 prepared images
-    result, _ = _fid_run_cli(capsys, out / "samples_3x32x32x3.npz", tmp_path / "real.npz", "--device", "cpu")
-    assert result["n_samples"] == 3 and math.isfinite(result["fid"]) and mean_inception
-    old = {"format": gat.CKPT_FORMAT, "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
-    assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
-
-
-def test_sample_block_contributions_skip_each_block_in_turn(_sample_pixel_ckpt, tmp_path, capsys):
-    """--block-contributions: row k is the RMS change of G's output when block k adds nothing, checked against
-    a copy of G whose block k has its gates g1, g2 set to zero (x + 0 * branch = x)."""
-    _sample_run("--ckpt", _sample_pixel_ckpt, "--block-contributions", 6, "--batch-size", 4, "--seed", 2, "--out", tmp_path)
-    assert "block  level  distance" in capsys.readouterr().out
-    r = json.loads((tmp_path / "block_contributions.json").read_text())
-    G, cfg = sample.load_generator(_sample_pixel_ckpt)
-    z, y = sample.latent_codes(2, range(6), cfg.z_dim, cfg.num_classes)
-    ref = G.generate(z, y)
-    assert r["metric"] == "rms_pixel" and r["num_levels"] == 4 and r["images"] == 6 and len(r["blocks"]) == 4
-    for k, row in enumerate(r["blocks"]):
-        gated = copy.deepcopy(G)
-        C = G.width
-        with torch.no_grad():
-            for rows in (slice(C, 2 * C), slice(3 * C, 4 * C)):  # (s1, g1, s2, g2): the gates g1 and g2
-                gated.blocks[k].modulation.weight[rows] = 0
-                gated.blocks[k].modulation.bias[rows] = 0
-        want = (gated.generate(z, y) - ref).square().flatten(1).mean(1).sqrt().mean().item()
-        assert row["distance"] == pytest.approx(want, rel=1e-4, abs=1e-7) and want > 0, k
-        assert row["block"] == k + 1 and row["level"] == k + 1  # tiny: depth 4, K = 4, a head after every block
-    assert "separate modes" in _sample_error(capsys, "--ckpt", _sample_pixel_ckpt, "--grid", "--block-contributions", 2)
 
 
 def test_run_diagnostics_cknna_and_per_block_gradient_norms():
@@ -2191,35 +2109,91 @@ def test_run_diagnostics_cknna_and_per_block_gradient_norms():
         assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
 
 
-def test_imagenet512_images_to_latents_to_training_samples_and_fid(tmp_path, monkeypatch, capsys, mean_inception):
+# ==== end to end: images -> prep_latents.py -> gat.py -> sample.py -> fid.py (stand-in Inception) ==================
+def _images_to_samples(tmp_path, images, vae, n, prep=(), **cfg_kw):
+    """Prepares images with vae, trains a tiny G on them (batch 2, run "r"), samples n images -> (manifest of the
+    prepared folder, the run's checkpoint, the samples' .npz)."""
+    prep_latents.main(_prep_args(images, tmp_path / "lat", vae, *prep))
+    gat.train(gat.Config(size="tiny", data=str(tmp_path / "lat"), results=str(tmp_path), name="r", batch_size=2,
+                         num_workers=0, **cfg_kw))
+    _sample_run("--ckpt", tmp_path / "r" / "checkpoints" / "latest.pt", "--num-images", n, "--out", tmp_path / "s",
+                "--device", "cpu", "--batch-size", 2, "--no-png")
+    return _prep_read(tmp_path / "lat")[1], ckpt_of(tmp_path), next((tmp_path / "s").glob("samples_*.npz"))
+
+
+def test_other_vae_and_a_flat_folder_from_images_to_latents_training_samples_and_fid(tmp_path, monkeypatch, capsys,
+                                                                                     mean_inception):
+    """A 16-channel VAE with scale 1.5 and shift 0.1 (SD3-style), on a flat folder (one class, unconditional):
+    prep_latents records both factors and the channels, training scales by them, sample.py decodes with them."""
+    rng = np.random.default_rng(0)
+    flat = tmp_path / "flat"
+    (flat / ".cache").mkdir(parents=True)
+    (flat / ".cache" / "not-an-image.png").write_bytes(b"")  # a hidden folder is no class and no image
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+    vae = tiny_vae(tmp_path / "vae16", latent_channels=16, scaling_factor=1.5, shift_factor=0.1)
+    manifest, ckpt, npz = _images_to_samples(tmp_path, flat, vae, 3, steps=2, sample_every=2, repa_weight=0.0)
+    assert "no class subfolders: one class, unconditional" in capsys.readouterr().out
+    assert manifest["latent_shape"] == [16, 4, 4] and manifest["class_names"] == [""] and manifest["num_classes"] == 1
+    assert (manifest["latent_scale"], manifest["latent_shift"], manifest["count"]) == (1.5, 0.1, 6)
+    assert {k: ckpt["config"][k] for k in ("channels", "latent_scale", "latent_shift", "num_classes")} == \
+        dict(channels=16, latent_scale=1.5, latent_shift=0.1, num_classes=1)
+    assert os.path.isfile(tmp_path / "r" / "samples_0000002_trunc0.png")  # one row: the one class
+    assert np.load(npz)["arr_0"].shape == (3, 32, 32, 3) and np.load(npz)["arr_1"].tolist() == [0, 0, 0]
+    np.savez(tmp_path / "real.npz", arr_0=np.load(tmp_path / "lat" / "images.npy"))  # the 6 prepared images
+    result, _ = _fid_run_cli(capsys, npz, tmp_path / "real.npz", "--device", "cpu")
+    assert result["n_samples"] == 3 and math.isfinite(result["fid"]) and mean_inception
+    # the loader: latent = scale * (z - shift)
+    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat"), batch_size=2, num_workers=0)
+    data = gat.prepare_data(dataclasses.replace(cfg))
+    probe = dataclasses.replace(cfg, channels=16, latent_scale=1.5, latent_shift=0.1, data_kind="latent")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "randn_like", torch.ones_like)  # eps = 1: the posterior sample is mean + std
+        x = next(gat.batch_iterator(data, probe, 0, 1, 0, torch.device("cpu")))[0]
+    rows = np.sort(data["index"][gat.batch_rows(6, 2, 2, 0, 0, 0)])
+    mean, std = torch.from_numpy(data["moments"][rows]).float().chunk(2, dim=1)
+    assert torch.equal(x, 1.5 * (mean + std - 0.1))
+
+    class Recording:  # what the decoder receives: the latents unscaled and unshifted
+        dtype = torch.float32
+
+        def decode(self, z):
+            self.seen = z
+            return types.SimpleNamespace(sample=z)
+    stub, lat = Recording(), torch.randn(3, 16, 4, 4)
+    gat.decode_latents(stub, lat, 1.5, 0.1)
+    assert torch.allclose(stub.seen, lat / 1.5 + 0.1)
+    old = {"format": gat.CKPT_FORMAT, "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
+    assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
+
+
+def test_imagenet512_images_to_latents_to_training_samples_and_fid(tmp_path, monkeypatch, capsys, mean_inception,
+                                                                   vae_dir):
     """512 px: prep_latents writes 64x64 latents; DINOv2 sees 448 px (REPA's rule, 32x32 tokens) for D's 32x32 grid at
     patch 2, resized to 16x16 at patch 4; the run trains, sample.py writes 512-px images and fid.py scores them."""
     rng = np.random.default_rng(1)
     (tmp_path / "img512" / "a").mkdir(parents=True)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (520, 540, 3), dtype=np.uint8)).save(tmp_path / "img512" / "a" / f"{i}.png")
-    vae = tiny_vae(tmp_path / "vae")
-    prep_latents.main(_prep_args(tmp_path / "img512", tmp_path / "lat512", vae, "--resolution", "512"))
-    assert _prep_read(tmp_path / "lat512")[1]["latent_shape"] == [4, 64, 64]
     sizes, build = [], gat.build_repa_teacher
 
     def teacher_at(name, pretrained=True, img_size=224):
         sizes.append(img_size)
         return build(pretrained=False, img_size=img_size, depth=1, embed_dim=32, num_heads=2)
     monkeypatch.setattr(gat, "build_repa_teacher", teacher_at)
-    cfg = gat.Config(size="tiny", data=str(tmp_path / "lat512"), results=str(tmp_path), name="r512", batch_size=2,
-                     num_workers=0, steps=1, sample_every=0)
-    gat.train(cfg)
-    ckpt = ckpt_of(tmp_path, "r512")
+    manifest, ckpt, npz = _images_to_samples(tmp_path, tmp_path / "img512", vae_dir, 4, ["--resolution", "512"],
+                                             steps=1, sample_every=0)
+    assert manifest["latent_shape"] == [4, 64, 64] and np.load(npz)["arr_0"].shape == (4, 512, 512, 3)
     assert sizes == [448] and ckpt["config"]["image_size"] == 512 and ckpt["config"]["input_size"] == 64
     teacher, images = teacher_at("", img_size=448), torch.randint(0, 256, (2, 512, 512, 3), dtype=torch.uint8)
     aug = gat.sample_augment(torch.zeros(2, 4, 64, 64), "translation,flip")
     assert gat.teacher_features(teacher, images, aug, 32).shape == (2, 1 + 32 * 32, 32)  # patch 2: no resize
     assert gat.teacher_features(teacher, images, aug, 16).shape == (2, 1 + 16 * 16, 32)  # patch 4: resized
-    sample.main(["--ckpt", str(tmp_path / "r512" / "checkpoints" / "latest.pt"), "--num-images", "4", "--no-png",
-                 "--out", str(tmp_path / "s"), "--device", "cpu", "--batch-size", "2"])
-    npz = tmp_path / "s" / "samples_4x512x512x3.npz"
-    assert np.load(npz)["arr_0"].shape == (4, 512, 512, 3)
     capsys.readouterr()
     result, _ = _fid_run_cli(capsys, npz, npz, "--device", "cpu")  # the samples against themselves
     assert result["n_samples"] == 4 and result["fid"] == pytest.approx(0, abs=1e-6) and mean_inception
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+                         + sys.argv[1:]))
