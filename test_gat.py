@@ -241,7 +241,7 @@ def test_mng_levels_nested_noise_std_and_correlation():
 
 
 # ==== gat.py: augmentation ============================================================================================
-def test_augmentation_is_shared_across_levels_and_cutout_and_color_happen():
+def test_augmentation_is_shared_across_levels_cutout_and_color_happen_and_color_is_one_affine_map(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(1, 6, 4, 32, 32)
     p = gat.sample_augment(x[0])
@@ -258,9 +258,6 @@ def test_augmentation_is_shared_across_levels_and_cutout_and_color_happen():
     p["color"][:] = True
     assert not torch.equal(gat.augment(x, p), out)
     assert torch.equal(gat.augment(x, gat.sample_augment(x, "")), x)  # empty policy: identity
-
-
-def test_color_is_one_affine_map_from_the_clean_finest_level(monkeypatch):
     # y = ((x + b - m_s) S + m_s - m_c) C + m_c, means of the clean finest level, for every level and nudged copy;
     # d_loss draws the fakes' parameters from the finest level and the reals' from the clean real
     torch.manual_seed(0)
@@ -474,7 +471,10 @@ def test_resume_is_bit_exact_and_reseeds_no_gpu_generator(tmp_path, overrides, s
     assert gpu_seeds == [("one", 1001), ("one", 1002)]
 
 
-def test_checkpoints_from_before_trained_tables_resume_as_fixed_tables_and_other_sizes_are_refused(tmp_path):
+def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or_damaged(tmp_path, monkeypatch):
+    """A checkpoint from before the trained tables resumes as fixed tables; another patch size is refused. A save
+    killed before the rename keeps the previous file; memory-mapped, a node's ranks share one copy of the checkpoint;
+    a legacy file is read whole; a damaged one is refused."""
     gat.train(digits_cfg(tmp_path, "old", steps=2, fixed_pos_embed=True))
     path = os.path.join(tmp_path, "old", "checkpoints", "latest.pt")
     ckpt = torch.load(path, weights_only=True)
@@ -487,11 +487,6 @@ def test_checkpoints_from_before_trained_tables_resume_as_fixed_tables_and_other
     assert ckpt_of(tmp_path, "old")["step"] == 3
     with pytest.raises(gat.CheckpointError, match="patch: checkpoint 2 vs requested 1"):
         gat.train(digits_cfg(tmp_path, "old", steps=4, fixed_pos_embed=True, patch=1))
-
-
-def test_checkpoints_are_saved_atomically_memory_mapped_and_legacy_or_damaged_files_handled(tmp_path, monkeypatch):
-    """A save killed before the rename keeps the previous file; memory-mapped, a node's ranks share one copy of the
-    checkpoint; a legacy file is read whole; a damaged one is refused."""
     path = str(tmp_path / "latest.pt")
     gat.atomic_save({"format": gat.CKPT_FORMAT, "step": 1, "G": {"w": torch.randn(1000)}}, path)
 
@@ -1289,20 +1284,6 @@ def _prep_assert_same(out, ref):
         assert (out / name).read_text() == (ref / name).read_text(), name
 
 
-def test_prep_center_crop_adm_rule():
-    # 530x260: BOX-halved while the short side is >= 128 (265x130, then 132x65), BICUBIC to short side 64
-    # (round(132 * 64 / 65) = 130 wide), then the middle 64 columns: (130 - 64) // 2 = 33.
-    img = _prep_handmade()
-    step = img.resize((265, 130), Image.BOX).resize((132, 65), Image.BOX).resize((130, 64), Image.BICUBIC)
-    expected = np.asarray(step)[:, 33:97]
-    got = prep_latents.center_crop(img, 64)
-    assert got.shape == (64, 64, 3) and got.dtype == np.uint8
-    assert np.array_equal(got, expected)
-    # A small portrait image is upscaled (20x31 -> 64x99, round(99.2)) and cropped to rows (99 - 64) // 2 = 17..81.
-    small = _prep_handmade(20, 31)
-    assert np.array_equal(prep_latents.center_crop(small, 64), np.asarray(small.resize((64, 99), Image.BICUBIC))[17:81])
-
-
 def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     out = _prep_reference
     arrays, m = _prep_read(out)
@@ -1345,6 +1326,17 @@ def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
 
     data = gat.load_latents(str(out))  # the reader accepts the folder and uses exactly the valid slots
     assert data["index"].tolist() == np.flatnonzero(valid).tolist() and data["num_classes"] == 5
+    # the ADM centre crop by hand. 530x260: BOX-halved while the short side is >= 128 (265x130, then 132x65), BICUBIC to short side 64
+    # (round(132 * 64 / 65) = 130 wide), then the middle 64 columns: (130 - 64) // 2 = 33.
+    img = _prep_handmade()
+    step = img.resize((265, 130), Image.BOX).resize((132, 65), Image.BOX).resize((130, 64), Image.BICUBIC)
+    expected = np.asarray(step)[:, 33:97]
+    got = prep_latents.center_crop(img, 64)
+    assert got.shape == (64, 64, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, expected)
+    # A small portrait image is upscaled (20x31 -> 64x99, round(99.2)) and cropped to rows (99 - 64) // 2 = 17..81.
+    small = _prep_handmade(20, 31)
+    assert np.array_equal(prep_latents.center_crop(small, 64), np.asarray(small.resize((64, 99), Image.BICUBIC))[17:81])
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
@@ -1424,10 +1416,8 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
     os.remove(out / "labels.npy")
     with pytest.raises(prep_latents.DataError, match="malformed"):
         gat.load_latents(str(out))
-
-
-def test_prep_two_ranks(_prep_reference, _prep_tree, vae_dir, tmp_path):
-    out = tmp_path / "out"  # gloo on the CPU, 1 loader worker each
+    # two ranks (gloo on the CPU, 1 loader worker each) write what one process does
+    out = tmp_path / "two"
     python("prep_latents.py", *_prep_args(_prep_tree, out, vae_dir), "--workers", "1", torchrun="--standalone",
            timeout=120)
     slots = {0: set(), 1: set()}
@@ -2069,9 +2059,7 @@ def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, vae_dir):
         assert "Traceback" not in err, (script, argv, err)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "prep").exists()  # refused before writing
     assert len(cases) >= 45
-
-
-def test_as_processes_importing_gat_is_silent_and_a_wrong_invocation_prints_one_error_line(tmp_path):
+    # as processes: importing gat is silent, a wrong invocation prints one error line
     out = python("-c", "import gat", timeout=120)
     assert out.stdout == "" and out.stderr == ""
     assert not os.path.exists(os.path.join(HERE, "results", "GAT-XL-2-imagenet256"))
