@@ -1012,8 +1012,9 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
 
 
 # ==== gat.py: the GPU path seen from a CPU (random streams, what DDP and autocast hold, multi-node resume) ====
-def test_ddp_gradients_live_in_its_buckets():
-    """gradient_as_bucket_view: DDP holds each gradient once (views of a few buckets), as the estimate counts."""
+def test_ddp_gradients_live_in_its_buckets_and_the_d_steps_fakes_leave_no_cast_weights_alive():
+    """What the step holds, as the estimate counts it: DDP each gradient once (gradient_as_bucket_view: views of a
+    few buckets); autocast's cached bf16 copies of G's weights (the D step's fakes) freed before D's forward."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         G, D = tiny_models()
@@ -1021,20 +1022,15 @@ def test_ddp_gradients_live_in_its_buckets():
         assert isinstance(models.D, nn.parallel.DistributedDataParallel) and models.D_frozen is D
         z, y = torch.randn(4, 64), torch.arange(4)
         for _ in range(2):
-            for model, raw, out in ((models.G, G, lambda: models.G(z, y)[0]),
-                                    (models.D, D, lambda: models.D(torch.randn(4, 4, 8, 8), y)[0])):
+            for raw, out in ((G, lambda: models.G(z, y)[0]), (D, lambda: models.D(torch.randn(4, 4, 8, 8), y)[0])):
                 out().square().mean().backward()
-                params = [p for p in raw.parameters()]
+                params = list(raw.parameters())
                 storages = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes() for p in params}
                 assert len(storages) < len(params) / 4  # a few buckets, not one tensor per parameter
                 assert sum(storages.values()) == pytest.approx(4 * sum(p.numel() for p in params), rel=0.01)
                 raw.zero_grad(set_to_none=True)
     finally:
         dist.destroy_process_group()
-
-
-def test_the_d_steps_fakes_leave_no_cast_weights_alive_in_ds_backward():
-    """Autocast's cached bf16 copies of G's weights (the D step's fakes) are freed before D's forward."""
     cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup(precision="bf16")
     g_weights = {p.data_ptr() for p in models.G_raw.parameters()}
     casts, alive_at_d = [], []
