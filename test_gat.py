@@ -327,6 +327,33 @@ def test_relativistic_and_repa_loss_values_and_the_approximated_penalty_converge
     assert abs(approx[2] - exact) / exact < 0.1, (approx, exact)
 
 
+def test_run_diagnostics_cknna_and_per_block_gradient_norms():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
+    assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)
+    assert gat.cknna(a, 3 * a @ q).item() == pytest.approx(1, abs=1e-6)  # rotated and scaled: the same geometry
+    assert abs(gat.cknna(a, torch.randn(64, 48, generator=g)).item()) < 0.25  # unrelated features
+    assert 0.25 < gat.cknna(a, a + torch.randn(64, 32, generator=g)).item() < 0.9  # half signal, half noise
+    with torch.autocast("cpu", torch.bfloat16):
+        assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)  # float64 inside, whatever autocast says
+    model = nn.Module()
+    model.stem, model.blocks = nn.Linear(3, 3), nn.ModuleList(nn.Linear(3, 3) for _ in range(8))
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    per_block = torch.stack([torch.cat([p.grad.flatten() for p in b.parameters()]).norm() for b in model.blocks])
+    reference = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        q.grad = p.grad.clone()
+    want = nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    got = gat.clip_gradients(model, 1.0, "G")
+    assert list(got) == ["grad_norm_G", "grad_G_q1", "grad_G_q2", "grad_G_q3", "grad_G_q4"] and want > 1
+    assert torch.equal(got["grad_norm_G"], want)  # the norm before clipping, and the same clipping as torch's
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()))
+    for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms (before clipping)
+        assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
+
+
 def test_equalized_lr_is_one_hundredth():
     torch.manual_seed(0)
     eq, plain = gat.EqualizedLinear(8, 4, lr_mult=0.01), nn.Linear(8, 4)
@@ -2064,33 +2091,6 @@ def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, vae_dir):
         out = python(script, *argv, ok=False, timeout=120)
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
-
-
-def test_run_diagnostics_cknna_and_per_block_gradient_norms():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(64, 32, generator=g)
-    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g))
-    assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)
-    assert gat.cknna(a, 3 * a @ q).item() == pytest.approx(1, abs=1e-6)  # rotated and scaled: the same geometry
-    assert abs(gat.cknna(a, torch.randn(64, 48, generator=g)).item()) < 0.25  # unrelated features
-    assert 0.25 < gat.cknna(a, a + torch.randn(64, 32, generator=g)).item() < 0.9  # half signal, half noise
-    with torch.autocast("cpu", torch.bfloat16):
-        assert gat.cknna(a, a).item() == pytest.approx(1, abs=1e-6)  # float64 inside, whatever autocast says
-    model = nn.Module()
-    model.stem, model.blocks = nn.Linear(3, 3), nn.ModuleList(nn.Linear(3, 3) for _ in range(8))
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g)
-    per_block = torch.stack([torch.cat([p.grad.flatten() for p in b.parameters()]).norm() for b in model.blocks])
-    reference = copy.deepcopy(model)
-    for p, q in zip(model.parameters(), reference.parameters()):
-        q.grad = p.grad.clone()
-    want = nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-    got = gat.clip_gradients(model, 1.0, "G")
-    assert list(got) == ["grad_norm_G", "grad_G_q1", "grad_G_q2", "grad_G_q3", "grad_G_q4"] and want > 1
-    assert torch.equal(got["grad_norm_G"], want)  # the norm before clipping, and the same clipping as torch's
-    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()))
-    for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms (before clipping)
-        assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
 
 
 # ==== end to end: images -> prep_latents.py -> gat.py -> sample.py -> fid.py (stand-in Inception) ==================
