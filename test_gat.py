@@ -531,21 +531,7 @@ def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or
         gat.load_checkpoint(str(tmp_path / "bad.pt"))
 
 
-def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    calls, real_d_loss = [], gat.d_loss
-
-    def poisoned(*args, **kw):
-        calls.append(1)
-        loss, logs = real_d_loss(*args, **kw)
-        return (loss * float("nan") if len(calls) >= 5 else loss), logs
-    monkeypatch.setattr(gat, "d_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite .* last good checkpoint"):
-        gat.train(digits_cfg(tmp_path, steps=20, ckpt_every=2, log_every=2))
-    ckpt = ckpt_of(tmp_path)
-    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["G"].values())
-
-
-def test_time_budget_bar_a_log_file_gets_plain_lines_and_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_nan_stops_the_run(tmp_path, monkeypatch):
     cfg = gat.Config(steps=100_000, max_minutes=9.0)
     bar = gat.progress_bar(cfg, 0, master=True, terminal=True)
     assert bar.total == 540 and not bar.disable  # seconds of the budget, not 100,000 steps
@@ -565,6 +551,18 @@ def test_time_budget_bar_a_log_file_gets_plain_lines_and_sigterm_saves_and_exits
     assert ckpt_of(tmp_path, "s")["step"] >= 6
     steps = [line.split(" (")[0] for line in out.splitlines() if line.startswith("step ")]
     assert steps[:3] == ["step 2", "step 4", "step 6"] and "it/s" not in out, out
+    # a non-finite loss stops the run and keeps the last good checkpoint
+    calls, real_d_loss = [], gat.d_loss
+
+    def poisoned(*args, **kw):
+        calls.append(1)
+        loss, logs = real_d_loss(*args, **kw)
+        return (loss * float("nan") if len(calls) >= 5 else loss), logs
+    monkeypatch.setattr(gat, "d_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite .* last good checkpoint"):
+        gat.train(digits_cfg(tmp_path, steps=20, ckpt_every=2, log_every=2))
+    ckpt = ckpt_of(tmp_path)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["G"].values())
 
 
 DDP_SCRIPT = r'''
@@ -728,7 +726,10 @@ def test_ddp_two_nodes_by_c10d_rendezvous_match_one_process_and_compiled_ranks_s
     assert "COMPILED_DDP_OK" in out
 
 
-def test_wandb_offline_logs_metrics_grids_and_config_and_resumes_its_run(tmp_path, monkeypatch):
+def test_wandb_offline_logs_and_resumes_its_run_and_training_fid_is_logged_and_samples_in_the_runs_precision(
+        tmp_path, monkeypatch, mean_inception):
+    """wandb offline: metrics, grids, config, a resume continues its run. --fid-every logs FIDs (and needs --fid-ref); as
+    sample.py, grids and FID sample under the run's autocast; only rank 0 computes the FID."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -747,12 +748,6 @@ def test_wandb_offline_logs_metrics_grids_and_config_and_resumes_its_run(tmp_pat
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match="--wandb gat-test needs the wandb package: pip install wandb"):
         gat.start_wandb(digits_cfg(tmp_path, "wb", wandb="gat-test"), str(tmp_path / "wb"), 1)
-
-
-def test_training_fid_is_logged_and_samples_like_the_grids_in_the_runs_precision_on_rank_0_alone(tmp_path,
-                                                                                                  mean_inception):
-    """--fid-every logs FIDs (and needs --fid-ref); as sample.py, grids and FID sample under the run's autocast; only
-    rank 0 computes the FID."""
     digits = gat.load_digits_dataset()
     real = ((digits["x"].expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
     mu, sigma = fid.stats_from_features(_FidMeanModel()(real)["pool"])
@@ -826,8 +821,10 @@ def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile
     return cfg, models, opt_G, opt_D, teacher, data, autocast
 
 
-def test_training_step_never_waits_on_the_host():
-    """On a GPU a step only queues work: no host syncs, data-dependent shapes or tensors from Python data."""
+def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_with_static_shapes(monkeypatch):
+    """On a GPU a step only queues work: no host syncs, data-dependent shapes or tensors from Python data. A graph break
+    splits --compile's kernels and usually hides a host sync: G, D and the losses are one graph each. --compile
+    covers the D step's G forward too, each call site with static shapes (D sees 4B and B rows)."""
     watched = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.nonzero, torch.Tensor.nonzero,
                torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
                torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
@@ -855,6 +852,38 @@ def test_training_step_never_waits_on_the_host():
     with Calls(), Ops():  # the watch itself works: a logged value read on the host is seen
         out["loss_D"].item()
     assert seen
+    torch._dynamo.reset()
+    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup()
+    (x, images, y), G, D = batch, models.G, models.D
+    z = torch.randn(4, 64)
+    fake = G(z, y)[0].detach()
+    d_in = torch.randn(8, 16, 8, 8)
+    pieces = [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4)),
+              ("d_loss", gat.d_loss, (D, fake, x, y, cfg, teacher, images)), ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]
+    for recompute in ((1, 3), (0, 0)):  # recomputation (non-reentrant checkpoint) traces into the graph too
+        G.ckpt_blocks, D.ckpt_blocks = recompute
+        for name, fn, args in pieces if recompute == (0, 0) else pieces[:2]:
+            report = torch._dynamo.explain(fn)(*args)
+            assert (report.graph_count, report.graph_break_count) == (1, 0), (name, recompute, report.break_reasons)
+    torch._dynamo.reset()
+    shapes, compiled = [], []
+
+    def backend(gm, example_inputs):
+        shapes.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kw: compiled.append(kw) or real_compile(model, backend=backend, **kw))
+    cfg.compile = True
+    models, autocast = gat.wrap_models(models.G_raw, models.D_raw, models.G_ema, cfg, 1, torch.device("cpu"))
+    assert len(compiled) == 4 and all(kw.get("dynamic") is False for kw in compiled)
+    for m in (models.G, models.D, models.G_fakes, models.D_frozen):
+        assert isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
+    for _ in range(2):
+        gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+    assert shapes and all(isinstance(d, int) for graph in shapes for shape in graph for d in shape)
+    assert {(16, 16, 8, 8), (4, 16, 8, 8)} <= {shape for graph in shapes for shape in graph}  # D's 4B and B rows
+    torch._dynamo.reset()
 
 
 def test_grad_accum_matches_the_big_batch(monkeypatch):
@@ -1105,43 +1134,6 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
     assert flops["G"] / 2e9 == pytest.approx(119, rel=0.02)
 
 
-def test_compile_sees_single_graphs_and_wraps_every_call_site_with_static_shapes(monkeypatch):
-    """A graph break splits --compile's kernels and usually hides a host sync: G, D and the losses are one graph each.
-    --compile covers the D step's G forward too, each call site with static shapes (D sees 4B and B rows)."""
-    torch._dynamo.reset()
-    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup()
-    (x, images, y), G, D = batch, models.G, models.D
-    z = torch.randn(4, 64)
-    fake = G(z, y)[0].detach()
-    d_in = torch.randn(8, 16, 8, 8)
-    pieces = [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4)),
-              ("d_loss", gat.d_loss, (D, fake, x, y, cfg, teacher, images)), ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]
-    for recompute in ((1, 3), (0, 0)):  # recomputation (non-reentrant checkpoint) traces into the graph too
-        G.ckpt_blocks, D.ckpt_blocks = recompute
-        for name, fn, args in pieces if recompute == (0, 0) else pieces[:2]:
-            report = torch._dynamo.explain(fn)(*args)
-            assert (report.graph_count, report.graph_break_count) == (1, 0), (name, recompute, report.break_reasons)
-    torch._dynamo.reset()
-    shapes, compiled = [], []
-
-    def backend(gm, example_inputs):
-        shapes.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
-        return gm.forward
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile",
-                        lambda model, **kw: compiled.append(kw) or real_compile(model, backend=backend, **kw))
-    cfg.compile = True
-    models, autocast = gat.wrap_models(models.G_raw, models.D_raw, models.G_ema, cfg, 1, torch.device("cpu"))
-    assert len(compiled) == 4 and all(kw.get("dynamic") is False for kw in compiled)
-    for m in (models.G, models.D, models.G_fakes, models.D_frozen):
-        assert isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
-    for _ in range(2):
-        gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
-    assert shapes and all(isinstance(d, int) for graph in shapes for shape in graph for d in shape)
-    assert {(16, 16, 8, 8), (4, 16, 8, 8)} <= {shape for graph in shapes for shape in graph}  # D's 4B and B rows
-    torch._dynamo.reset()
-
-
 def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clearly(tmp_path):
     """Node-local results folders: rank 0 decides the resume and a node that cannot see it fails clearly."""
     run = lambda steps: [os.path.join(HERE, "gat.py"), "--data", "digits", "--results", "results", "--name", "r",
@@ -1349,8 +1341,8 @@ def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
 
     data = gat.load_latents(str(out))  # the reader accepts the folder and uses exactly the valid slots
     assert data["index"].tolist() == np.flatnonzero(valid).tolist() and data["num_classes"] == 5
-    # the ADM centre crop by hand. 530x260: BOX-halved while the short side is >= 128 (265x130, then 132x65), BICUBIC to short side 64
-    # (round(132 * 64 / 65) = 130 wide), then the middle 64 columns: (130 - 64) // 2 = 33.
+    # the ADM centre crop by hand. 530x260: BOX-halved while the short side is >= 128 (265x130, then 132x65),
+    # BICUBIC to short side 64 (round(132 * 64 / 65) = 130 wide), then the middle 64 columns: (130 - 64) // 2 = 33.
     img = _prep_handmade()
     step = img.resize((265, 130), Image.BOX).resize((132, 65), Image.BOX).resize((130, 64), Image.BICUBIC)
     expected = np.asarray(step)[:, 33:97]
