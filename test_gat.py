@@ -1276,9 +1276,13 @@ def _prep_args(images, out, vae, *extra):
 
 @pytest.fixture(scope="session")
 def _prep_reference(tmp_path_factory, _prep_tree, vae_dir):
-    """One uninterrupted single-process run, the result the other runs must reproduce."""
+    """One uninterrupted single-process run, the result the other runs must reproduce; with --ref-stats (a random
+    Inception) beside out: ref.npz and inception.pth."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    prep_latents.main(_prep_args(_prep_tree, out, vae_dir))
+    torch.manual_seed(0)
+    torch.save(fid.InceptionV3FID().state_dict(), out.parent / "inception.pth")
+    prep_latents.main(_prep_args(_prep_tree, out, vae_dir, "--ref-stats", str(out.parent / "ref.npz"),
+                                 "--inception", str(out.parent / "inception.pth")))
     return out
 
 
@@ -1316,6 +1320,16 @@ def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     assert (out / "files.txt").read_text().splitlines() == _PREP_FILES
     assert arrays["labels"].tolist() == _PREP_LABELS
     assert np.flatnonzero(~arrays["valid"]).tolist() == sorted(_PREP_BAD.values())
+    # --ref-stats: the Inception statistics of the valid slots' images, as fid.py computes them from the features
+    feats = fid.inception_features(fid.load_inception(str(out.parent / "inception.pth")),
+                                   np.asarray(arrays["images"])[np.asarray(arrays["valid"])])
+    stats = np.load(out.parent / "ref.npz")
+    assert set(stats.files) == {"mu", "sigma", "mu_s", "sigma_s"}
+    for key, kind in (("", "pool"), ("_s", "spatial")):
+        f = feats[kind]
+        np.testing.assert_allclose(stats["mu" + key], f.mean(0), rtol=1e-6, atol=1e-12 * np.abs(f).max())
+        cov = np.cov(f, rowvar=False)
+        np.testing.assert_allclose(stats["sigma" + key], cov, rtol=1e-6, atol=1e-9 * np.abs(cov).max())
 
     log = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert {e["file"]: e["slot"] for e in log if e["slot"] is not None} == _PREP_BAD
@@ -1442,31 +1456,6 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
     assert slots[0] and slots[1] and not slots[0] & slots[1]
     assert slots[0] | slots[1] == set(range(len(_PREP_FILES)))
     _prep_assert_same(out, _prep_reference)
-
-
-def test_prep_ref_stats(tmp_path, vae_dir):
-    torch.manual_seed(0)
-    torch.save(fid.InceptionV3FID().state_dict(), tmp_path / "inception.pth")
-    images = tmp_path / "images"
-    (images / "one").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / "one" / f"{i}.png")
-    (images / "one" / "bad.jpg").write_bytes(b"nope")
-    out = tmp_path / "out"
-    prep_latents.main(_prep_args(images, out, vae_dir, "--ref-stats", str(tmp_path / "ref.npz"),
-                                 "--inception", str(tmp_path / "inception.pth")))
-    valid = np.load(out / "valid.npy")
-    assert valid.tolist() == [True, True, False]
-    model = fid.load_inception(str(tmp_path / "inception.pth"))
-    feats = fid.inception_features(model, np.load(out / "images.npy")[valid])
-    stats = np.load(tmp_path / "ref.npz")
-    assert set(stats.files) == {"mu", "sigma", "mu_s", "sigma_s"}
-    for key, kind in (("", "pool"), ("_s", "spatial")):
-        f = feats[kind]
-        np.testing.assert_allclose(stats["mu" + key], f.mean(0), rtol=1e-6, atol=1e-12 * np.abs(f).max())
-        cov = np.cov(f, rowvar=False)
-        np.testing.assert_allclose(stats["sigma" + key], cov, rtol=1e-6, atol=1e-9 * np.abs(cov).max())
 
 
 # ==== sample.py =======================================================================================================
