@@ -108,6 +108,14 @@ def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile
     return Step(cfg, models, opt_G, opt_D, teacher, data, autocast)
 
 
+def refused(capsys, script, *argv, codes=(1,)):
+    """script.main(argv) must exit with one of codes (1: a script's own error line, 2: argparse's) -> its stderr."""
+    with pytest.raises(SystemExit) as e:
+        script.main([str(a) for a in argv])
+    assert e.value.code in codes, (e.value.code, capsys.readouterr().err)
+    return capsys.readouterr().err
+
+
 def python(*args, torchrun=None, ok=True, timeout=300, threads="1", **env):
     """`python args` in HERE, or 2 processes under torchrun with its rendezvous flag; ok: must exit 0."""
     launch = ["-m", "torch.distributed.run", "--nproc_per_node=2", torchrun] if torchrun else []
@@ -1430,9 +1438,7 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
     _prep_assert_same(out, _prep_reference)
     # a shard marked done whose data never reached the file (say, a machine crash) is caught and redone
     np.lib.format.open_memmap(out / "moments.npy", mode="r+")[5] = 0
-    with pytest.raises(SystemExit):
-        prep_latents.main(args)
-    assert "never written" in capsys.readouterr().err
+    assert "never written" in refused(capsys, prep_latents, *args)
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     assert not (out / "progress/000001.json").exists() and (out / "progress/000000.json").exists()
     prep_latents.main(args)
@@ -1441,9 +1447,7 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
     more = shutil.copytree(_prep_tree, tmp_path / "more")
     Image.new("RGB", (8, 8)).save(more / "eel" / "e3.png")
     for extra, message in ((["--resolution", "64"], "other settings"), (["--images", str(more)], "changed since")):
-        with pytest.raises(SystemExit):
-            prep_latents.main([*args, *extra])
-        assert message in capsys.readouterr().err
+        assert message in refused(capsys, prep_latents, *args, *extra)
     os.remove(out / "labels.npy")
     with pytest.raises(prep_latents.DataError, match="malformed"):
         gat.load_latents(str(out))
@@ -1487,13 +1491,6 @@ def _sample_run(*argv):
     for npz in Path(argv[list(argv).index("--out") + 1]).glob("samples_*.npz"):
         with np.load(npz) as f:
             return f["arr_0"], f["arr_1"]
-
-
-def _sample_error(capsys, *argv):
-    with pytest.raises(SystemExit) as e:
-        _sample_run(*argv)
-    assert e.value.code == 1
-    return capsys.readouterr().err
 
 
 def _sample_expected(G, z, y, truncation=0.0, guidance=1.0):
@@ -1592,7 +1589,8 @@ def test_sample_grid_interpolation_and_block_contributions(_sample_pixel_ckpt, t
         want = (gated.generate(z, y) - ref).square().flatten(1).mean(1).sqrt().mean().item()
         assert row["distance"] == pytest.approx(want, rel=1e-4, abs=1e-7) and want > 0, k
         assert row["block"] == k + 1 and row["level"] == k + 1  # tiny: depth 4, K = 4, a head after every block
-    assert "separate modes" in _sample_error(capsys, "--ckpt", _sample_pixel_ckpt, "--grid", "--block-contributions", 2)
+    assert "separate modes" in refused(capsys, sample, "--ckpt", _sample_pixel_ckpt, "--grid", "--block-contributions",
+                                       2)
 
 
 def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_pixel_ckpt, tmp_path, capsys):
@@ -1611,13 +1609,13 @@ def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_p
              ("wrong_shape", [], ["does not hold a usable generator"]), ("absent", [], ["does not exist"])]
     for name, extra, messages in cases:
         path = tmp_path / f"{name}.pt"
-        err = _sample_error(capsys, "--ckpt", path, "--num-images", 2, "--out", tmp_path / "out", *extra)
+        err = refused(capsys, sample, "--ckpt", path, "--num-images", 2, "--out", tmp_path / "out", *extra)
         assert err.startswith("error:") and str(path) in err and all(m in err for m in messages), (name, err)
         assert not (tmp_path / "out").exists()  # nothing written before the model is whole
     for classes, message in (("12", "classes 0..9"), ("a,b", "comma-separated class indices")):
-        assert message in _sample_error(capsys, "--ckpt", _sample_pixel_ckpt, "--classes", classes, "--out", tmp_path)
+        assert message in refused(capsys, sample, "--ckpt", _sample_pixel_ckpt, "--classes", classes, "--out", tmp_path)
     _sample_run("--ckpt", _sample_pixel_ckpt, "--num-images", 2, "--out", tmp_path / "twice")
-    assert "is not empty" in _sample_error(capsys, "--ckpt", _sample_pixel_ckpt, "--num-images", 2,
+    assert "is not empty" in refused(capsys, sample, "--ckpt", _sample_pixel_ckpt, "--num-images", 2,
                                            "--out", tmp_path / "twice")
 
 
@@ -1636,11 +1634,12 @@ def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_pa
     # a VAE path that is gone, overridden by --vae, or not a VAE: clear errors; a good --vae rescues
     missing = _sample_save_checkpoint(tmp_path / "missing.pt", num_classes=3, channels=4, input_size=4,
                                       data_kind="latent", vae=str(tmp_path / "moved_vae"))
-    err = _sample_error(capsys, "--ckpt", missing, "--num-images", 1, "--out", tmp_path / "m")
+    err = refused(capsys, sample, "--ckpt", missing, "--num-images", 1, "--out", tmp_path / "m")
     assert "moved_vae" in err and "neither a local folder nor a hub model" in err and "--vae" in err
     assert not (tmp_path / "m").exists()
     os.makedirs(tmp_path / "empty")
-    err = _sample_error(capsys, "--ckpt", ckpt, "--vae", tmp_path / "empty", "--num-images", 1, "--out", tmp_path / "m")
+    err = refused(capsys, sample, "--ckpt", ckpt, "--vae", tmp_path / "empty", "--num-images", 1, "--out",
+                  tmp_path / "m")
     assert "is not a folder holding an AutoencoderKL" in err
     _sample_run("--ckpt", missing, "--vae", vae_dir, "--num-images", 1, "--no-png", "--out", tmp_path / "m")
     assert os.listdir(tmp_path / "m") == ["samples_1x32x32x3.npz"]
@@ -2015,54 +2014,48 @@ def _bad_inputs(t, vae):
     (t / "imgs" / "c").mkdir(parents=True)
     (t / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(t / "flat" / "x.png")
-    # gat.py and sample.py: the message names the case's last flag
-    gat_bad = ["--batch-size 0", "--batch-size -4", "--batch-size 5000", "--batch-size x", "--num-levels 0",
-               "--num-levels 3", "--log-every 0", "--device cuda:7", "--device tpu9", "--ema-decay 2", "--augment bogus",
-               "--z-dim 0", "--precision fp16", "--max-minutes -1", "--size XXL", "--patch 3", "--fid-every 5",
-               "--fid-num 1", "--sample-truncation 1.5", "--beta2 1", "--steps 0", "--base-lr inf", "--r1-gamma nan",
-               "--grad-ckpt 9", "--bench --device tpu9", f"--resume {t}/none.pt"]
-    sample_bad = [f"--out {t}/file", "--device tpu9", "--num-images 0", "--truncation 2", "--frames 1",
-                  "--grid --interpolate 0 1", "--truncation 0 0.5", "--seed -1", "--guidance 101", "--guidance 1 2"]
-    last_flag = lambda argv: [a for a in argv.split() if a.startswith("--")][-1]
-    cases = [("gat", f"--data digits --results {t}/runs {bad}", last_flag(bad)) for bad in gat_bad]
-    cases += [("sample", f"--ckpt {t}/file {bad}", last_flag(bad)) for bad in sample_bad]
     p = f"--out {t}/prep --device cpu"
-    cases += [("gat", f"--data {t}/nowhere --results {t}/runs", "prep_latents.py .* --data digits"),
-              ("gat", f"--data digits --results {t}/runs --grad-accum 0", "--grad-accum 0: expected an integer >= 1"),
-              ("gat", f"--data digits --results {t}/runs --batch-size 6 --grad-accum 4",
+    # (the arguments every case of the script starts with, the wrong flags): the error names the case's last flag
+    by_last_flag = {
+        gat: (f"--data digits --results {t}/runs", [
+            "--batch-size 0", "--batch-size -4", "--batch-size 5000", "--batch-size x", "--num-levels 0",
+            "--num-levels 3", "--log-every 0", "--device cuda:7", "--device tpu9", "--ema-decay 2", "--augment bogus",
+            "--z-dim 0", "--precision fp16", "--max-minutes -1", "--size XXL", "--patch 3", "--fid-every 5",
+            "--fid-num 1", "--sample-truncation 1.5", "--beta2 1", "--steps 0", "--base-lr inf", "--r1-gamma nan",
+            "--grad-ckpt 9", "--bench --device tpu9", f"--resume {t}/none.pt"]),
+        sample: (f"--ckpt {t}/file", [
+            f"--out {t}/file", "--device tpu9", "--num-images 0", "--truncation 2", "--frames 1",
+            "--grid --interpolate 0 1", "--truncation 0 0.5", "--seed -1", "--guidance 101", "--guidance 1 2"]),
+        fid: (f"{ok} {ok}", ["--device tpu9", "--batch-size 0", f"--inception {t}/no.pth",
+                             f"--save-stats {t}/x/s.npz"]),
+        prep_latents: (f"--images {t}", [f"--out {t}/file", "--device tpu9", f"{p} --batch-size 0",
+                                         f"{p} --resolution 0", f"{p} --inception {t}/no.pth"])}
+    cases = [(script, f"{start} {bad}", [a for a in bad.split() if a.startswith("--")][-1])
+             for script, (start, wrong) in by_last_flag.items() for bad in wrong]
+    cases += [(gat, f"--data {t}/nowhere --results {t}/runs", "prep_latents.py .* --data digits"),
+              (gat, f"--data digits --results {t}/runs --grad-accum 0", "--grad-accum 0: expected an integer >= 1"),
+              (gat, f"--data digits --results {t}/runs --batch-size 6 --grad-accum 4",
                r"--batch-size 6 \(global\) must divide by the number of processes 1 x --grad-accum 4 = 4; use e.g. 4"),
-              ("gat", "--data digits --results /proc/gat-runs", "--results"), ("sample", f"--ckpt {t}/no.pt", "--ckpt"),
-              ("fid", f"{t}/no.npz {ok}", "no.npz"), ("fid", f"{t}/float.npz {ok}", "uint8"),
-              ("fid", f"{t}/grey.npz {ok}", "N x H x W x 3"), ("fid", f"{t}/one.npz {ok}", "one.npz"),
-              ("fid", f"{ok} {ok} --device tpu9", "--device"), ("fid", f"{ok} {ok} --batch-size 0", "--batch-size"),
-              ("fid", f"{ok} {ok} --inception {t}/no.pth", "--inception"),
-              ("fid", f"{ok} {ok} --inception {t}/file", "Inception weights"), ("fid", f"{t}/file {ok}", "SAMPLES"),
-              ("fid", f"{ok} {ok} --save-stats {t}/x/s.npz", "--save-stats"),
-              ("prep_latents", f"--images {t}/nowhere {p}", "--images .* is not a folder"),
-              ("prep_latents", f"--images {t}/imgs/c {p}", "--images .* has neither class subfolders nor images"),
-              ("prep_latents", f"--images {t}/imgs {p}", "--images: no image files"),
-              ("prep_latents", f"--images {t}/flat --vae {t}/no-such-vae {p}", "--vae .*pass --vae DIR"),
-              ("prep_latents", f"--images {t}/flat --vae {vae} --resolution 36 {p}",
-               "--resolution 36 is not a multiple of the VAE's downsampling factor 8"),
-              ("prep_latents", f"--images {t} --out {t}/file", "--out"),
-              ("prep_latents", f"--images {t} --device tpu9", "--device"),
-              ("prep_latents", f"--images {t} --batch-size 0 {p}", "--batch-size"),
-              ("prep_latents", f"--images {t} --resolution 0 {p}", "--resolution"),
-              ("prep_latents", f"--images {t} --inception {t}/no.pth {p}", "--inception")]
+              (gat, "--data digits --results /proc/gat-runs", "--results"), (sample, f"--ckpt {t}/no.pt", "--ckpt"),
+              (fid, f"{t}/no.npz {ok}", "no.npz"), (fid, f"{t}/float.npz {ok}", "uint8"),
+              (fid, f"{t}/grey.npz {ok}", "N x H x W x 3"), (fid, f"{t}/one.npz {ok}", "one.npz"),
+              (fid, f"{ok} {ok} --inception {t}/file", "Inception weights"), (fid, f"{t}/file {ok}", "SAMPLES"),
+              (prep_latents, f"--images {t}/nowhere {p}", "--images .* is not a folder"),
+              (prep_latents, f"--images {t}/imgs/c {p}", "--images .* has neither class subfolders nor images"),
+              (prep_latents, f"--images {t}/imgs {p}", "--images: no image files"),
+              (prep_latents, f"--images {t}/flat --vae {t}/no-such-vae {p}", "--vae .*pass --vae DIR"),
+              (prep_latents, f"--images {t}/flat --vae {vae} --resolution 36 {p}",
+               "--resolution 36 is not a multiple of the VAE's downsampling factor 8")]
     return [(script, argv.split(), named) for script, argv, named in cases]
 
 
 def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, vae_dir):
-    """main(argv) of each script: exit non-zero with one `error:` line naming the flag, no traceback."""
-    modules = {"gat": gat, "sample": sample, "fid": fid, "prep_latents": prep_latents}
+    """main(argv) of each script: exit 1 (2 from argparse) with one `error:` line naming the flag, no traceback."""
     cases = _bad_inputs(tmp_path, vae_dir)
     for script, argv, named in cases:
-        with pytest.raises(SystemExit) as e:
-            modules[script].main(argv)
-        err = capsys.readouterr().err
+        err = refused(capsys, script, *argv, codes=(1, 2))
         errors = [line for line in err.splitlines() if "error:" in line]
-        assert e.value.code not in (0, None) and len(errors) == 1 and re.search(named, errors[0]), (script, argv, err)
-        assert "Traceback" not in err, (script, argv, err)
+        assert len(errors) == 1 and re.search(named, errors[0]) and "Traceback" not in err, (script.__name__, argv, err)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "prep").exists()  # refused before writing
     assert len(cases) >= 45
     # as processes: importing gat is silent, a wrong invocation prints one error line
