@@ -88,15 +88,17 @@ class Step(collections.namedtuple("Step", "cfg models opt_G opt_D teacher batch 
         return gat.train_step(self.models, self.opt_G, self.opt_D, self.teacher, self.batch, self.cfg, self.autocast)
 
 
-def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile=False, batch=4):
+def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile=False, batch=4, teacher=None):
     """A latent-space training iteration's pieces: models, optimisers, REPA teacher, one batch of random data. tiny:
     8x8 latents and a tiny teacher (the CPU tests); other sizes ImageNet's 32x32 latents and the real teacher's shape
-    (the GPU tests); random weights."""
+    (the GPU tests) unless a teacher is given; random weights."""
     device, tiny = torch.device(device), size == "tiny"
     cfg = gat.Config(size=size, channels=4, input_size=8 if tiny else 32, num_classes=10 if tiny else 1000,
                      data_kind="latent", precision=precision, compile=compile)
     gat.seed_streams(0, device)
-    teacher = (tiny_teacher() if tiny else gat.build_repa_teacher(pretrained=False)).to(device)
+    if teacher is None:
+        teacher = tiny_teacher() if tiny else gat.build_repa_teacher(pretrained=False)
+    teacher = teacher.to(device)
     G_raw, D_raw = (m.to(device) for m in tiny_models(4, cfg.input_size, cfg.num_classes, teacher.embed_dim,
                                                       ckpt=ckpt, size=size))
     opt_G, opt_D = gat.make_optimizer(G_raw, cfg), gat.make_optimizer(D_raw, cfg)
@@ -995,14 +997,10 @@ def test_block_memory_formula_counts_what_autograd_saves(bf16):
 @pytest.mark.parametrize("size,rows", [("tiny", 4), ("S", 2)])
 def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
     """The whole step's estimate vs what torch holds (saved tensors + parameters, grads, AdamW, EMA, teacher)."""
-    torch.manual_seed(0)
-    cfg = gat.Config(size=size, channels=4, input_size=8 if size == "tiny" else 32, num_classes=10,
-                     data_kind="latent", precision="fp32")
-    teacher = tiny_teacher()
-    G = gat.build_generator(cfg)
-    D = gat.Discriminator(size, 2, 10, 4, cfg.input_size, repa_dim=teacher.embed_dim)
-    G_ema = copy.deepcopy(G).requires_grad_(False)
-    opts = gat.make_optimizer(G, cfg), gat.make_optimizer(D, cfg)
+    # the tiny teacher for S too (fast): the estimate counts whatever teacher it is given
+    s = step_setup(size, precision="fp32", batch=rows, teacher=tiny_teacher())
+    cfg, teacher, opts, (x, images, y) = s.cfg, s.teacher, (s.opt_G, s.opt_D), s.batch
+    G, D, G_ema = s.models.G_raw, s.models.D_raw, s.models.G_ema
     for p in (*G.parameters(), *D.parameters()):
         p.grad = torch.zeros_like(p)
     for opt in opts:
@@ -1012,9 +1010,7 @@ def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
             *[v for opt in opts for st in opt.state.values() for v in st.values() if v.dim()]]
     persistent = sum(t.numel() * t.element_size() for t in held)
     exclude = [*G.parameters(), *D.parameters(), *G.buffers(), *D.buffers(), *teacher.parameters(), *teacher.buffers()]
-    s = cfg.input_size
-    x, images = torch.randn(rows, 4, s, s), torch.randint(0, 256, (rows, 64, 64, 3), dtype=torch.uint8)
-    y, z = torch.arange(rows), torch.randn(rows, 64)
+    z = torch.randn(rows, 64)
     depth = gat.MODEL_SIZES[size]["depth"]
     for ckpt in ((0, 0), (depth, depth)):
         D.ckpt_blocks, G.ckpt_blocks = ckpt
