@@ -1669,25 +1669,23 @@ def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_pa
 
 def authors_layout(G):
     """G's weights under the authors' generator.py names, with their 4 extra tensors."""
-    ours, theirs = G.state_dict(), {}
-    C, p, ch = G.width, G.patch, G.channels
-    theirs.update({"pos_embed": ours["tokens"], "y_embedder.embedding_table.weight": ours["class_embed.weight"],
-                   "w_avg": ours["w_avg"], "x_embedder.proj.weight": torch.randn(C, ch, p, p),
-                   "x_embedder.proj.bias": torch.randn(C), "feat_rope.freqs_cos": G.rope_cos.clone(),
-                   "feat_rope.freqs_sin": G.rope_sin.clone()})
-    pairs = [(f"latent_embedder.{i}", f"mapping.{i}") for i in (0, 2)]
-    for i in range(len(G.blocks)):
-        pairs += [(f"blocks.{i}.{a}", f"blocks.{i}.{b}") for a, b in (
-            ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.w12", "ffn.w12"), ("mlp.w3", "ffn.w3"),
-            ("adaLN_modulation.1", "modulation"))]
-        for n in ("q_norm", "k_norm"):
-            theirs[f"blocks.{i}.attn.{n}.weight"] = ours[f"blocks.{i}.attn.{n}.weight"]
-    pairs += [(f"final_layers.{k}.{a}", f"heads.{k}.{b}") for k in range(len(G.heads))
-              for a, b in (("linear", "linear"), ("adaLN_modulation.1", "modulation"))]
-    for a, b in pairs:
-        theirs[f"{a}.weight"], theirs[f"{a}.bias"] = ours[f"{b}.weight"], ours[f"{b}.bias"]
-    assert len(theirs) == len(ours) + 4  # every tensor of ours, plus their 4 extra ones
-    return theirs
+    renames = [(r"^tokens$", "pos_embed"), (r"^class_embed\.", "y_embedder.embedding_table."),
+               (r"^mapping\.", "latent_embedder."), (r"\.ffn\.", ".mlp."), (r"^heads\.", "final_layers."),
+               (r"\.modulation\.", ".adaLN_modulation.1.")]
+    theirs = {}
+    for name, tensor in G.state_dict().items():
+        for pattern, repl in renames:
+            name = re.sub(pattern, repl, name)
+        theirs[name] = tensor
+    # every tensor of ours under one of generator.py's names: a tensor no rule renames fails here
+    w_b = r"\.(weight|bias)"
+    known = (rf"pos_embed|w_avg|y_embedder\.embedding_table\.weight|latent_embedder\.[02]{w_b}|blocks\.\d+\.("
+             rf"attn\.(qkv|proj){w_b}|attn\.[qk]_norm\.weight|mlp\.w(12|3){w_b}|adaLN_modulation\.1{w_b})|"
+             rf"final_layers\.\d+\.(linear|adaLN_modulation\.1){w_b}")
+    assert len(theirs) == len(G.state_dict()) and all(re.fullmatch(known, k) for k in theirs), sorted(theirs)
+    C, p = G.width, G.patch
+    return theirs | {"x_embedder.proj.weight": torch.randn(C, G.channels, p, p), "x_embedder.proj.bias": torch.randn(C),
+                     "feat_rope.freqs_cos": G.rope_cos.clone(), "feat_rope.freqs_sin": G.rope_sin.clone()}
 
 
 # ==== fid.py ==========================================================================================================
