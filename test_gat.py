@@ -763,12 +763,18 @@ def test_ddp_two_nodes_by_c10d_rendezvous_match_one_process_and_compiled_ranks_s
 
 def test_wandb_offline_logs_and_resumes_its_run_and_training_fid_is_logged_and_samples_in_the_runs_precision(
         tmp_path, monkeypatch, mean_inception):
-    """wandb offline: metrics, grids, config, a resume continues its run. --fid-every logs FIDs (and needs --fid-ref); as
-    sample.py, grids and FID sample under the run's autocast; only rank 0 computes the FID."""
+    """One run with wandb offline and --fid-every. wandb: metrics, grids, config, a resume continues its run.
+    --fid-every logs FIDs (and needs --fid-ref); as sample.py, grids and FID sample under the run's autocast; only
+    rank 0 computes the FID."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    gat.train(digits_cfg(tmp_path, "wb", steps=4, sample_every=2, wandb="gat-test"))
+    digits = gat.load_digits_dataset()
+    real = ((digits["x"].expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    mu, sigma = fid.stats_from_features(_FidMeanModel()(real)["pool"])
+    fid.save_stats(tmp_path / "ref.npz", dict(mu=mu, sigma=sigma))
+    gat.train(digits_cfg(tmp_path, "wb", steps=4, sample_every=2, wandb="gat-test", fid_every=2, fid_num=60,
+                         fid_ref=str(tmp_path / "ref.npz")))
     run_id = open(tmp_path / "wb" / "wandb_id.txt").read().strip()
     runs = [p for p in os.listdir(tmp_path / "wb" / "wandb") if p.startswith("offline-run-")]
     assert len(runs) == 1 and runs[0].endswith(run_id)
@@ -777,19 +783,14 @@ def test_wandb_offline_logs_and_resumes_its_run_and_training_fid_is_logged_and_s
     record = open(run / f"run-{run_id}.wandb", "rb").read()
     for key in (b"loss_D", b"r1", b"images_per_s", b"batch_size", b"gat-test", b"wb"):
         assert key in record, key
+    fids = [line["fid"] for line in map(json.loads, open(tmp_path / "wb" / "metrics.jsonl")) if "fid" in line]
+    assert len(fids) == 2 and all(math.isfinite(f) and f > 0 for f in fids)
     wb = gat.start_wandb(digits_cfg(tmp_path, "wb"), str(tmp_path / "wb"), 1)  # a resume: the same wandb run
     assert wb.run.id == run_id and wb.run.name == "wb"
     wb.finish()
     monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
     with pytest.raises(ValueError, match="--wandb gat-test needs the wandb package: pip install wandb"):
         gat.start_wandb(digits_cfg(tmp_path, "wb", wandb="gat-test"), str(tmp_path / "wb"), 1)
-    digits = gat.load_digits_dataset()
-    real = ((digits["x"].expand(-1, 3, -1, -1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-    mu, sigma = fid.stats_from_features(_FidMeanModel()(real)["pool"])
-    fid.save_stats(tmp_path / "ref.npz", dict(mu=mu, sigma=sigma))
-    gat.train(digits_cfg(tmp_path, steps=4, fid_every=2, fid_num=60, fid_ref=str(tmp_path / "ref.npz")))
-    fids = [line["fid"] for line in map(json.loads, open(tmp_path / "r" / "metrics.jsonl")) if "fid" in line]
-    assert len(fids) == 2 and all(math.isfinite(f) and f > 0 for f in fids)
     with pytest.raises(gat.UserError, match="--fid-ref"):
         gat.validate_config(digits_cfg(tmp_path, run="nofid", steps=2, fid_every=2))
     seen = []
