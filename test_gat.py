@@ -875,7 +875,8 @@ def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_wi
     fake = G(z, y)[0].detach()
     d_in = torch.randn(8, 16, 8, 8)
     pieces = [("G", G, (z, y)), ("D", D, (d_in, y.repeat(2), 4)),
-              ("d_loss", gat.d_loss, (D, fake, x, y, cfg, teacher, images)), ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]
+              ("d_loss", gat.d_loss, (D, fake, x, y, cfg, teacher, images)),
+              ("g_loss", gat.g_loss, (D, fake, x, y, cfg))]
     for recompute in ((1, 3), (0, 0)):  # recomputation (non-reentrant checkpoint) traces into the graph too
         G.ckpt_blocks, D.ckpt_blocks = recompute
         for name, fn, args in pieces if recompute == (0, 0) else pieces[:2]:
@@ -990,7 +991,7 @@ def test_block_memory_formula_counts_what_autograd_saves(bf16):
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16), \
                     sdpa_kernel(SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH):
                 _, measured = saved_for_backward(lambda: block(*args), [*block.parameters(), *rope, silu_w])
-            weights = sum(2 * p.numel() for p in block.parameters() if p.dim() >= 2 or p.numel() == C // H) if bf16 else 0
+            weights = bf16 * sum(2 * p.numel() for p in block.parameters() if p.dim() >= 2 or p.numel() == C // H)
             est = N * gat.block_saved_bytes(T, C, H, bf16, flash, frozen, kind == "G") + weights
             assert est == pytest.approx(measured, rel=0.02 if flash else 0.03), (size, kind, frozen, flash)
 
@@ -1571,7 +1572,8 @@ def test_sample_grid_interpolation_and_block_contributions(_sample_pixel_ckpt, t
         assert np.abs(frames[[0, -1]].astype(int) - expected).max() <= 1
         assert (frames[2] != frames[0]).any() and (frames[2] != frames[-1]).any()
     capsys.readouterr()
-    _sample_run("--ckpt", _sample_pixel_ckpt, "--block-contributions", 6, "--batch-size", 4, "--seed", 2, "--out", tmp_path)
+    _sample_run("--ckpt", _sample_pixel_ckpt, "--block-contributions", 6, "--batch-size", 4, "--seed", 2,
+                "--out", tmp_path)
     assert "block  level  distance" in capsys.readouterr().out
     r = json.loads((tmp_path / "block_contributions.json").read_text())
     z, y = sample.latent_codes(2, range(6), cfg.z_dim, cfg.num_classes)
@@ -1650,9 +1652,10 @@ def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_pa
             m.tokens.add_(torch.randn_like(m.tokens))
         G.mapping[0].weight.add_(1.0)  # the EMA differs from the live generator
     z, y = torch.randn(5, 64), torch.tensor([0, 3, 9, 3, 1])
+    no_state = {"state": {}, "param_groups": []}
     full = {"generator": authors_layout(G_raw), "discriminator": {"pos_embed": torch.zeros(1, 16, 64)},
-            "ema": authors_layout(G), "optG": {"state": {}, "param_groups": []}, "optD": {"state": {}, "param_groups": []},
-            "args": argparse.Namespace(model="GAT-tiny/2", vae="mse", num_classes=10, resolution=64), "steps": 40}
+            "ema": authors_layout(G), "optG": no_state, "optD": no_state, "steps": 40,
+            "args": argparse.Namespace(model="GAT-tiny/2", vae="mse", num_classes=10, resolution=64)}
     for name, obj in (("full", full), ("model", {"model": authors_layout(G)}), ("bare", authors_layout(G)),
                       ("ddp", {"ema": {"module." + k: v for k, v in authors_layout(G).items()}})):
         torch.save(obj, tmp_path / f"{name}.pt")
@@ -1661,10 +1664,13 @@ def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_pa
             "tiny", 2, 10, 4, 8, 4, "latent")
         assert torch.equal(loaded.generate(z, y), G.generate(z, y))
         assert torch.equal(loaded.generate(z, y, 0.5, 1.5), G.generate(z, y, 0.5, 1.5))
-    assert cfg.vae == "stabilityai/sd-vae-ft-ema" and sample.load_generator(str(tmp_path / "full.pt"))[1].vae.endswith("mse")
+    assert cfg.vae == "stabilityai/sd-vae-ft-ema"
+    assert sample.load_generator(str(tmp_path / "full.pt"))[1].vae.endswith("mse")
     raw, _ = sample.load_generator(str(tmp_path / "full.pt"), ema=False)
-    assert torch.equal(raw.generate(z, y), G_raw.generate(z, y)) and not torch.equal(raw.generate(z, y), G.generate(z, y))
-    _sample_run("--ckpt", tmp_path / "full.pt", "--vae", vae_dir, "--num-images", 2, "--no-png", "--out", tmp_path / "a")
+    assert torch.equal(raw.generate(z, y), G_raw.generate(z, y))
+    assert not torch.equal(raw.generate(z, y), G.generate(z, y))
+    _sample_run("--ckpt", tmp_path / "full.pt", "--vae", vae_dir, "--num-images", 2, "--no-png",
+                "--out", tmp_path / "a")
     assert os.listdir(tmp_path / "a") == ["samples_2x64x64x3.npz"]
 
 
@@ -1821,7 +1827,8 @@ def test_fid_frechet_distance_closed_forms_sqrt_rank_deficiency_stats_inception_
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expect, rel=1e-8)
     assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expect, rel=1e-8)
     assert fid.frechet_distance(0.0, 4.0, 1.0, 9.0) == pytest.approx(1 + 1)  # 1-D: dmu^2 + (sd1 - sd2)^2
-    for args, message in (((mu, sigma, mu[:16], sigma[:16, :16]), "do not match"), ((mu * np.nan, sigma, mu, sigma), "NaN")):
+    for args, message in (((mu, sigma, mu[:16], sigma[:16, :16]), "do not match"),
+                          ((mu * np.nan, sigma, mu, sigma), "NaN")):
         with pytest.raises(ValueError, match=message):
             fid.frechet_distance(*args)
     # the matrix square root against scipy's, and where sqrtm fails
@@ -1946,7 +1953,8 @@ def test_fid_cli_stats_images_with_a_reference_batch_and_small_samples(tmp_path,
     fid.save_stats(tmp_path / "b.npz", b)
     result, lines = _fid_run_cli(capsys, tmp_path / "a.npz", tmp_path / "b.npz", "--save-stats", tmp_path / "c.npz")
     assert result["fid"] == pytest.approx(fid.frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"]), rel=1e-12)
-    assert result["sfid"] == pytest.approx(fid.frechet_distance(a["mu_s"], a["sigma_s"], b["mu_s"], b["sigma_s"]), rel=1e-12)
+    assert result["sfid"] == pytest.approx(fid.frechet_distance(a["mu_s"], a["sigma_s"], b["mu_s"], b["sigma_s"]),
+                                           rel=1e-12)
     assert "inception_score" not in result and "precision" not in result and mean_inception == []
     assert np.array_equal(fid.load_stats(tmp_path / "c.npz")["sigma"], a["sigma"])
     with pytest.raises(SystemExit):  # --help states the FID-5K vs FID-50K caveat
@@ -2118,7 +2126,8 @@ def test_other_vae_and_a_flat_folder_from_images_to_latents_training_samples_and
     stub, lat = Recording(), torch.randn(3, 16, 4, 4)
     gat.decode_latents(stub, lat, 1.5, 0.1)
     assert torch.allclose(stub.seen, lat / 1.5 + 0.1)
-    old = {"format": gat.CKPT_FORMAT, "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
+    old = {"format": gat.CKPT_FORMAT,
+           "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
     assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
 
 
@@ -2127,9 +2136,10 @@ def test_imagenet512_images_to_latents_to_training_samples_and_fid(tmp_path, mon
     """512 px: prep_latents writes 64x64 latents; DINOv2 sees 448 px (REPA's rule, 32x32 tokens) for D's 32x32 grid at
     patch 2, resized to 16x16 at patch 4; the run trains, sample.py writes 512-px images and fid.py scores them."""
     rng = np.random.default_rng(1)
-    (tmp_path / "img512" / "a").mkdir(parents=True)
+    folder = tmp_path / "img512" / "a"
+    folder.mkdir(parents=True)
     for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (520, 540, 3), dtype=np.uint8)).save(tmp_path / "img512" / "a" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (520, 540, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     sizes, build = [], gat.build_repa_teacher
 
     def teacher_at(name, pretrained=True, img_size=224):
