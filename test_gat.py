@@ -1367,10 +1367,8 @@ def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     # BICUBIC to short side 64 (round(132 * 64 / 65) = 130 wide), then the middle 64 columns: (130 - 64) // 2 = 33.
     img = _prep_handmade()
     step = img.resize((265, 130), Image.BOX).resize((132, 65), Image.BOX).resize((130, 64), Image.BICUBIC)
-    expected = np.asarray(step)[:, 33:97]
     got = prep_latents.center_crop(img, 64)
-    assert got.shape == (64, 64, 3) and got.dtype == np.uint8
-    assert np.array_equal(got, expected)
+    assert got.dtype == np.uint8 and np.array_equal(got, np.asarray(step)[:, 33:97])  # 64 x 64 x 3
     # A small portrait image is upscaled (20x31 -> 64x99, round(99.2)) and cropped to rows (99 - 64) // 2 = 17..81.
     small = _prep_handmade(20, 31)
     assert np.array_equal(prep_latents.center_crop(small, 64), np.asarray(small.resize((64, 99), Image.BICUBIC))[17:81])
