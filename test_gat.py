@@ -912,7 +912,7 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
     for n in (1, 2):
         s = step_setup()
         s.cfg.augment, s.cfg.grad_accum = "", n
-        s.batch[2].copy_(torch.tensor([1, 2, 1, 1]))  # two rows of class 1
+        s.batch[2].copy_(torch.tensor([1, 2, 1, 1]))  # class 1 in both micro-batches: its mean of w from both
         torch.manual_seed(5)  # the same z
         runs.append((s.run(), s.models.G_raw, s.models.D_raw, s.models.G_ema))
     (out1, G1, D1, E1), (out2, G2, D2, E2) = runs
@@ -945,12 +945,12 @@ def test_recomputed_blocks_give_the_same_step_and_bf16_autocast_matches_fp32_wit
     for ckpt, precision in (((0, 0), "fp32"), ((4, 4), "fp32"), ((2, 1), "fp32"), ((0, 0), "bf16")):
         s = step_setup(precision=precision, ckpt=ckpt)
         runs[ckpt, precision] = s.run(), s
-    a, ma = runs[(0, 0), "fp32"][0], runs[(0, 0), "fp32"][1].models
+    a, base = runs[(0, 0), "fp32"]
     for ckpt in ((4, 4), (2, 1)):
-        b, mb = runs[ckpt, "fp32"][0], runs[ckpt, "fp32"][1].models
+        b, other = runs[ckpt, "fp32"]
         assert_same_state(a, b, rtol=1e-5, atol=1e-6)
-        assert_same_state(ma.G_raw.state_dict(), mb.G_raw.state_dict(), rtol=1e-5, atol=1e-7)
-        assert_same_state(ma.D_raw.state_dict(), mb.D_raw.state_dict(), rtol=1e-5, atol=1e-7)
+        assert_same_state(base.models.G_raw.state_dict(), other.models.G_raw.state_dict(), rtol=1e-5, atol=1e-7)
+        assert_same_state(base.models.D_raw.state_dict(), other.models.D_raw.state_dict(), rtol=1e-5, atol=1e-7)
     out, s = runs[(0, 0), "bf16"]
     assert s.autocast.fast_dtype == torch.bfloat16 and s.autocast._enabled
     assert all(torch.isfinite(v) for v in out.values())
