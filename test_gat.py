@@ -1900,12 +1900,11 @@ def test_fid_stats_file_roundtrip_adm_reference_and_image_sources(tmp_path):
     assert ref["mu"].dtype == np.float64 and np.allclose(ref["mu"], stats["mu"], rtol=1e-6)
     src_images, src_stats = fid.open_source(str(tmp_path / "ref.npz"))
     assert np.array_equal(src_images, images) and set(src_stats) == set(stats)
-    np.savez(tmp_path / "nomu.npz", sigma=stats["sigma"])
-    with pytest.raises(ValueError, match="no mu/sigma"):
-        fid.load_stats(tmp_path / "nomu.npz")
-    np.savez(tmp_path / "badshape.npz", mu=stats["mu"], sigma=stats["sigma"][:4, :4])
-    with pytest.raises(ValueError, match="expected"):
-        fid.load_stats(tmp_path / "badshape.npz")
+    for arrays, message in ((dict(sigma=stats["sigma"]), "no mu/sigma"),
+                            (dict(mu=stats["mu"], sigma=stats["sigma"][:4, :4]), "expected")):
+        np.savez(tmp_path / "bad.npz", **arrays)
+        with pytest.raises(ValueError, match=message):
+            fid.load_stats(tmp_path / "bad.npz")
     # sample sources: npz (stored: memory-mapped; compressed), a png folder, and what is refused
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, (5, 24, 20, 3), dtype=np.uint8)
@@ -1925,14 +1924,11 @@ def test_fid_stats_file_roundtrip_adm_reference_and_image_sources(tmp_path):
     np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32) / 255)
     np.savez(tmp_path / "nchw.npz", arr_0=images.transpose(0, 3, 1, 2))
     np.savez(tmp_path / "neither.npz", labels=np.arange(3))
-    for name, message in (("float.npz", "uint8"), ("nchw.npz", "NCHW"), ("neither.npz", "neither arr_0")):
+    (tmp_path / "empty").mkdir()
+    for name, message in (("float.npz", "uint8"), ("nchw.npz", "NCHW"), ("neither.npz", "neither arr_0"),
+                          ("empty", "no .png"), ("x.txt", "expected an .npz")):
         with pytest.raises(ValueError, match=message):
             fid.open_source(str(tmp_path / name))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no .png"):
-        fid.open_source(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="expected an .npz"):
-        fid.open_source(str(tmp_path / "x.txt"))
 
 
 def _fid_run_cli(capsys, *argv):
