@@ -688,7 +688,6 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     see_real = lambda x: levels_to_channels(mng_perturb(augment(x, aug_real).expand(K, *x.shape), eps_real))
     see_fake = lambda levels: levels_to_channels(mng_perturb(augment(levels, aug_fake), eps_fake))
     repa_rows = B if teacher is not None else 0
-    logs = {}
     if teacher is not None:  # before D's forward: the teacher's temporaries come and go below D's saved tensors
         target = teacher_features(teacher, images_u8, aug_real, x_real.shape[-1] // cfg.patch)
     if cfg.exact_gp:  # ablation: true R1/R2 by double backward (math attention kernel required)
@@ -708,7 +707,7 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
         r2 = approx_gradient_penalty(l_fake, l_fake_n, cfg.gp_sigma)
     adv = relativistic_loss(l_real, l_fake)
     loss = adv + cfg.r1_gamma / 2 * r1 + cfg.r2_gamma / 2 * r2
-    logs.update(d_adv=adv, r1=r1, r2=r2, d_real=l_real.mean(), d_fake=l_fake.mean())
+    logs = dict(d_adv=adv, r1=r1, r2=r2, d_real=l_real.mean(), d_fake=l_fake.mean())
     if teacher is not None:
         repa_cls, repa_patch = repa_loss(feats, target)
         loss = loss + cfg.repa_weight * (repa_cls + repa_patch)
@@ -990,8 +989,9 @@ def clip_gradients(model, max_norm, name, groups=4):
     norms = torch.stack(torch._foreach_norm([p.grad for p in params]))  # [parameters]
     total = torch.linalg.vector_norm(norms)
     torch._foreach_mul_([p.grad for p in params], (max_norm / (total + 1e-6)).clamp(max=1.0))
-    first = next(i for i, p in enumerate(params) if p is next(model.blocks.parameters()))  # the blocks: one run
-    per_block = norms[first:first + sum(1 for _ in model.blocks.parameters())].square().view(len(model.blocks), -1)
+    block_params = list(model.blocks.parameters())  # one run of the parameter list, block after block
+    first = next(i for i, p in enumerate(params) if p is block_params[0])
+    per_block = norms[first:first + len(block_params)].square().view(len(model.blocks), -1)
     quarters = per_block.sum(1).view(groups, -1).mean(1).sqrt()
     return {f"grad_norm_{name}": total} | {f"grad_{name}_q{i + 1}": q for i, q in enumerate(quarters)}
 
