@@ -1471,7 +1471,7 @@ def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher
     # (fp32 input and normalised, matmul input) and D frozen at B rows, each with the inputs' casts
     d_step = blocks(nd, 4 * rows, T + 1) + 4 * rows * final + 4 * image * a + repa + weight_copies(D, bf16)
     g_step = (blocks(ng, rows, T, modulated=True) + rows * K * T * C * (2 * f32 + a) + blocks(nd, rows, T + 1, frozen=True) + 2 * image * f32
-              + rows * final + weight_copies(G, bf16) + bf16 * weight_copies(D, bf16))
+              + rows * final + weight_copies(G, bf16) + (weight_copies(D, True) if bf16 else 0))
     # transients on top: the gradients of one block's tensors in backward (about one block's saved
     # bytes); a recomputed block's tensors, which add to the peak only when every block is recomputed
     # (run_blocks); and the teacher's no-grad forward in the D step
