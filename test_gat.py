@@ -54,13 +54,11 @@ import sample
 HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(2)
 
-
 def tiny_models(channels=1, input_size=8, num_classes=10, repa_dim=0, levels=4, ckpt=(0, 0), size="tiny"):
     """G and D with patch 2 (tiny unless size says otherwise); ckpt: blocks recomputed in (D, G)."""
     G = gat.Generator(size, 2, num_classes, channels, input_size, num_levels=levels, ckpt_blocks=ckpt[1])
     D = gat.Discriminator(size, 2, num_classes, channels, input_size, levels, repa_dim=repa_dim, ckpt_blocks=ckpt[0])
     return G, D
-
 
 def tiny_vae(path, **config):
     """A random AutoencoderKL with SD-VAE's interface (4 latent channels, 8x downsampling) unless config says
@@ -71,22 +69,18 @@ def tiny_vae(path, **config):
                          norm_num_groups=4, sample_size=32) | config).save_pretrained(path)
     return str(path)
 
-
 @pytest.fixture(scope="session")
 def vae_dir(tmp_path_factory):
     return tiny_vae(tmp_path_factory.mktemp("vae"))
 
-
 def tiny_teacher():
     return gat.build_repa_teacher(pretrained=False, depth=1, embed_dim=32, num_heads=2)
-
 
 class Step(collections.namedtuple("Step", "cfg models opt_G opt_D teacher batch autocast")):
     """step_setup's pieces; run(): one gat.train_step of them."""
 
     def run(self):
         return gat.train_step(self.models, self.opt_G, self.opt_D, self.teacher, self.batch, self.cfg, self.autocast)
-
 
 def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile=False, batch=4, teacher=None):
     """A latent-space training iteration's pieces: models, optimisers, REPA teacher, one batch of random data. tiny:
@@ -109,14 +103,12 @@ def step_setup(size="tiny", device="cpu", precision="auto", ckpt=(0, 0), compile
             torch.arange(batch, device=device))
     return Step(cfg, models, opt_G, opt_D, teacher, data, autocast)
 
-
 def refused(capsys, script, *argv, codes=(1,)):
     """script.main(argv) must exit with one of codes (1: a script's own error line, 2: argparse's) -> its stderr."""
     with pytest.raises(SystemExit) as e:
         script.main([str(a) for a in argv])
     assert e.value.code in codes, (e.value.code, capsys.readouterr().err)
     return capsys.readouterr().err
-
 
 def python(*args, torchrun=None, ok=True, timeout=300, threads="1", **env):
     """`python args` in HERE, or 2 processes under torchrun with its rendezvous flag; ok: must exit 0."""
@@ -126,13 +118,11 @@ def python(*args, torchrun=None, ok=True, timeout=300, threads="1", **env):
     assert out.returncode == 0 or not ok, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
-
 def python_script(tmp_path, text, *args, **kw):
     """Writes a script under tmp_path and runs it with python() (HERE as its first argument, for `import gat`)."""
     script = tmp_path / "script.py"
     script.write_text(text)
     return python(script, HERE, *args, **kw)
-
 
 class _FidMeanModel(nn.Module):
     """Stand-in for the Inception (the parity test covers the real one): per-image channel means as pool."""
@@ -145,7 +135,6 @@ class _FidMeanModel(nn.Module):
         pool = images.float().mean((1, 2)) + self.dummy  # [N,3]
         return {"pool": pool, "logits": pool / 10}
 
-
 @pytest.fixture
 def mean_inception(monkeypatch):
     """fid.load_inception -> the stand-in above (gat.py's training FID, fid.py's command line); records the calls."""
@@ -153,7 +142,6 @@ def mean_inception(monkeypatch):
     monkeypatch.setattr(fid, "load_inception",
                         lambda path=None, device="cpu": loads.append((path, device)) or _FidMeanModel())
     return loads
-
 
 @pytest.fixture
 def gpu_seeds(monkeypatch):
@@ -164,14 +152,12 @@ def gpu_seeds(monkeypatch):
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("one", seed)))
     return calls
 
-
 # ==== gat.py: model sizes, shapes, parameter counts ===================================================================
 PARAMS = {  # what the authors' train.py trains (position tables included), 1000 classes, 768-dim REPA teacher
     ("S", 2): (29_354_816, 39_212_928), ("B", 2): (116_741_696, 104_676_864),
     ("L", 2): (408_731_168, 323_035_872), ("XL", 2): (602_231_552, 467_678_784),
     ("S", 4): (29_355_008, 39_212_928), ("S", 8): (29_632_256, 39_489_408), ("XL", 8): (603_061_952, 468_508_224),
 }
-
 
 @pytest.mark.parametrize("size", ["S", "B", "L", "XL"])
 @pytest.mark.parametrize("patch", [2, 4, 8])
@@ -192,7 +178,6 @@ def test_every_size_and_patch_shapes_parameter_counts_and_width_aware_lr(size, p
         assert [gat.count_params(m) for m in (G, D)] == [gat.count_params(m) + table for m in (Gf, Df)]
         assert (gat.count_params(G), gat.count_params(D)) == PARAMS[size, patch]
 
-
 def test_tiny_forward_levels_accumulate_and_the_no_mng_ablation_has_one_level_and_no_noise():
     torch.manual_seed(0)
     G, D = tiny_models()
@@ -208,7 +193,6 @@ def test_tiny_forward_levels_accumulate_and_the_no_mng_ablation_has_one_level_an
     assert levels.shape[0] == 1 and D.patch_embed.in_channels == 1
     assert torch.equal(gat.mng_perturb(levels, torch.randn_like(levels)), levels)
     assert gat.parse_args(["--no-mng"])[0].num_levels == 1
-
 
 def test_sincos_and_rope_tables_and_attention_with_the_authors_qk_norm_eps():
     pe = gat.sincos_pos_embed(16, 4)
@@ -235,7 +219,6 @@ def test_sincos_and_rope_tables_and_attention_with_the_authors_qk_norm_eps():
     ref = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 16, 32))
     assert attn.q_norm.eps is None and torch.allclose(attn(x, rope), ref, atol=1e-6)
 
-
 def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
     # the memory-lean Functions of section 2 against autograd, double backward (--exact-gp) included
     torch.manual_seed(0)
@@ -259,7 +242,6 @@ def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
     gf, = torch.autograd.grad(F.rms_norm(xf, (16,), w.detach().to(torch.bfloat16).float()).sum(), xf)
     assert gb.dtype == torch.bfloat16 and torch.allclose(gb.float(), gf, rtol=0.02, atol=0.02)
 
-
 # ==== gat.py: MNG noise ===============================================================================================
 def test_mng_levels_nested_noise_std_and_correlation():
     assert gat.mng_noise_levels(1) == []
@@ -276,7 +258,6 @@ def test_mng_levels_nested_noise_std_and_correlation():
     # and the signal is scaled by (1 - t_k)
     x = torch.ones(4, 1, 1, 1, 1)
     assert gat.mng_perturb(x, torch.zeros_like(x)).flatten().tolist() == pytest.approx([1 - v for v in t])
-
 
 # ==== gat.py: augmentation ============================================================================================
 def test_augmentation_is_shared_across_levels_cutout_and_color_happen_and_color_is_one_affine_map(monkeypatch):
@@ -319,7 +300,6 @@ def test_augmentation_is_shared_across_levels_cutout_and_color_happen_and_color_
     gat.g_loss(D, levels, x_real, torch.arange(6), cfg)
     assert all(torch.equal(a, b) for a, b in zip(seen, [x_real, levels[-1]] * 2))
 
-
 def test_teacher_features_resize_to_d_grid_and_its_image_moves_by_the_same_fraction():
     teacher = tiny_teacher()
     images = torch.randint(0, 256, (2, 256, 256, 3), dtype=torch.uint8)
@@ -338,7 +318,6 @@ def test_teacher_features_resize_to_d_grid_and_its_image_moves_by_the_same_fract
     assert not torch.allclose(frac(moved_lat), frac(lat))  # it did move
     # translation (x) moves rows by +tx of the image: source row r + 3 lands at r
     assert frac(moved_lat)[0, 0].item() == pytest.approx((10 - 3 + 0.5) / 32)
-
 
 # ==== gat.py: losses ==================================================================================================
 def test_relativistic_and_repa_loss_values_and_the_approximated_penalty_converges_to_exact_r1():
@@ -363,7 +342,6 @@ def test_relativistic_and_repa_loss_values_and_the_approximated_penalty_converge
     # same eps for every sigma: the finite-difference bias vanishes as sigma -> 0, Monte Carlo error ~ sqrt(2/N) = 2%
     assert abs(approx[2] - approx[1]) < 0.1 * abs(approx[0] - approx[1]), (approx, exact)
     assert abs(approx[2] - exact) / exact < 0.1, (approx, exact)
-
 
 def test_run_diagnostics_cknna_and_per_block_gradient_norms():
     g = torch.Generator().manual_seed(0)
@@ -391,7 +369,6 @@ def test_run_diagnostics_cknna_and_per_block_gradient_norms():
     for i in range(4):  # a quarter of 8 blocks is 2: the RMS of their norms (before clipping)
         assert torch.allclose(got[f"grad_G_q{i + 1}"], per_block[2 * i: 2 * i + 2].square().mean().sqrt())
 
-
 def test_equalized_lr_is_one_hundredth():
     torch.manual_seed(0)
     eq, plain = gat.EqualizedLinear(8, 4, lr_mult=0.01), nn.Linear(8, 4)
@@ -407,7 +384,6 @@ def test_equalized_lr_is_one_hundredth():
         opt.step()
         steps.append(m.weight.detach() * scale - before)
     assert torch.allclose(steps[0] / steps[1], torch.full_like(steps[0], 0.01), rtol=1e-3)
-
 
 def test_class_means_of_w_truncation_toward_them_and_guidance_from_the_class_free_style():
     G, _ = tiny_models()
@@ -435,7 +411,6 @@ def test_class_means_of_w_truncation_toward_them_and_guidance_from_the_class_fre
     w_t = G.style(z, y, 0.3)  # truncation first, then guidance
     assert torch.allclose(G.style(z, y, 0.3, guidance=2.5), w_null + 2.5 * (w_t - w_null), atol=1e-5)
 
-
 @pytest.mark.parametrize("exact_gp", [False, True])
 def test_gradients_reach_every_parameter(exact_gp):
     """A D step and a G step with REPA: every parameter (first G block, mapping, position tables) gets a gradient;
@@ -457,7 +432,6 @@ def test_gradients_reach_every_parameter(exact_gp):
     assert all(p.grad is None for p in D.parameters())  # frozen D: no wasted weight gradients
     assert "tokens" in dict(G.named_parameters()) and "pos" in dict(D.named_parameters())
 
-
 def test_position_tables_train_into_the_ema_or_stay_fixed_in_the_ablation():
     cfg = dataclasses.replace(gat.Config(size="tiny", patch=2), num_classes=10, channels=1, input_size=8,
                               data_kind="pixel", repa_weight=0.0)
@@ -472,7 +446,6 @@ def test_position_tables_train_into_the_ema_or_stay_fixed_in_the_ablation():
     names = [n for m in (G, D) for n, _ in m.named_parameters()]
     assert "tokens" not in names and "pos" not in names and torch.equal(G.tokens[0], table)
 
-
 # ==== gat.py: data, checkpoints and the training loop =================================================================
 def digits_cfg(tmp_path, run="r", **overrides):
     """The digits demo's settings for a short test run (6 steps of batch 8) in tmp_path/run."""
@@ -480,17 +453,14 @@ def digits_cfg(tmp_path, run="r", **overrides):
                                                  max_minutes=0.0, sample_every=0, log_every=2, ckpt_every=3, steps=6)
                       | overrides)
 
-
 def ckpt_of(tmp_path, run="r"):
     return gat.load_checkpoint(os.path.join(tmp_path, run, "checkpoints", "latest.pt"))
-
 
 def assert_same_state(a, b, **tolerance):
     """Same keys, and tensors equal bit for bit (or allclose within the tolerance given)."""
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], **tolerance) if tolerance else torch.equal(a[k], b[k]), k
-
 
 def test_batch_rows_split_ranks_and_epochs():
     full = gat.batch_rows(100, 8, 8, 0, 0, 3)
@@ -502,7 +472,6 @@ def test_batch_rows_split_ranks_and_epochs():
     gat.check_batch_size(gat.Config(batch_size=8, grad_accum=2), 8, 2)  # 2 ranks x 2 micro-batches of 2, 8 images
     with pytest.raises(gat.UserError, match="exceeds the 7 training images"):
         gat.check_batch_size(gat.Config(batch_size=8, grad_accum=2), 7, 2)
-
 
 @pytest.mark.parametrize("overrides,steps,first_leg,logged",
                          [({}, 6, 3, [2, 3, 4, 6]), ({"grad_accum": 2}, 3, 2, [2, 3])], ids=["plain", "grad_accum"])
@@ -531,7 +500,6 @@ def test_resume_is_bit_exact_and_reseeds_no_gpu_generator(tmp_path, overrides, s
     for rank in (0, 1):  # what seed_streams does on a GPU: this rank's device alone
         gat.seed_streams(1000 + rank + 1, torch.device("cuda", rank))
     assert gpu_seeds == [("one", 1001), ("one", 1002)]
-
 
 def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or_damaged(tmp_path, monkeypatch):
     """A checkpoint from before the trained tables resumes as fixed tables; another patch size is refused. A save
@@ -565,7 +533,6 @@ def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or
     with pytest.raises(gat.CheckpointError, match="damaged"):
         gat.load_checkpoint(str(tmp_path / "bad.pt"))
 
-
 def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_nan_stops_the_run(tmp_path, monkeypatch):
     cfg = gat.Config(steps=100_000, max_minutes=9.0)
     bar = gat.progress_bar(cfg, 0, master=True, terminal=True)
@@ -598,7 +565,6 @@ def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_n
         gat.train(digits_cfg(tmp_path, steps=20, ckpt_every=2, log_every=2))
     ckpt = ckpt_of(tmp_path)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["G"].values())
-
 
 DDP_SCRIPT = r'''
 import copy, datetime, os, sys
@@ -707,7 +673,6 @@ if world > 1 and dist.is_initialized():  # as gat.finish_run: a rank that tears 
 print(f"RANK {rank} DONE", flush=True)
 '''
 
-
 def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
     """Two torchrun agents of one process each as two nodes (c10d on loopback) -> (return codes, logs)."""
     with socket.socket() as s:  # a free port for the rendezvous
@@ -728,7 +693,6 @@ def run_two_nodes(tmp_path, node_args, deadline_s=240, cwds=(HERE, HERE)):
             node.kill()
             node.wait()
     return [node.returncode for node in nodes], [log.read_text() for log in logs]
-
 
 def test_ddp_two_nodes_by_c10d_rendezvous_match_one_process_and_compiled_ranks_stay_in_sync(tmp_path):
     """DDP_SCRIPT as one process, then as two nodes of one process each on this machine (the README's multi-node
@@ -759,7 +723,6 @@ def test_ddp_two_nodes_by_c10d_rendezvous_match_one_process_and_compiled_ranks_s
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
     assert "TABLES_SAME" in out  # trained position tables: gradients all-reduced like any parameter
     assert "COMPILED_DDP_OK" in out
-
 
 def test_wandb_offline_logs_and_resumes_its_run_and_training_fid_is_logged_and_samples_in_the_runs_precision(
         tmp_path, monkeypatch, mean_inception):
@@ -810,7 +773,6 @@ def test_wandb_offline_logs_and_resumes_its_run_and_training_fid_is_logged_and_s
                           bf16)
     assert seen and all(seen)
 
-
 def test_collapsed_generator_is_reported_as_collapsed():
     """A G that ignores z is flagged (spread 0); one returning held-out real digits scores ~1."""
     data = gat.load_digits_dataset()
@@ -835,7 +797,6 @@ def test_collapsed_generator_is_reported_as_collapsed():
     assert s["spread"] > 0.8 and not s["collapsed"] and s["agreement"] > 0.9
     assert s["fd_pixel"] < s["fd_pixel_class_means"] / 3
     assert s["precision"] == 1.0 and s["recall"] > 0.5  # each sample is a held-out digit: inside their manifold
-
 
 def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_with_static_shapes(monkeypatch):
     """On a GPU a step only queues work: no host syncs, data-dependent shapes or tensors from Python data. A graph break
@@ -902,7 +863,6 @@ def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_wi
     assert {(16, 16, 8, 8), (4, 16, 8, 8)} <= {shape for graph in shapes for shape in graph}  # D's 4B and B rows
     torch._dynamo.reset()
 
-
 def test_grad_accum_matches_the_big_batch(monkeypatch):
     """2 micro-batches of 2 vs one batch of 4 (REPA, penalties): same grads, weights, means, EMA, logs."""
     # noise as a fixed function of each element, so a step does not depend on how its rows are split; MNG off
@@ -937,7 +897,6 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
         assert torch.allclose(p, q, rtol=0, atol=1e-6)  # the EMA moves 0.1% of the way
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in G2.parameters())
 
-
 def test_recomputed_blocks_give_the_same_step_and_bf16_autocast_matches_fp32_with_fp32_weights():
     """--grad-ckpt off, all and partial (D's blocks first) give the same iteration: losses and weights. bf16 autocast
     on CPU: fp32 weights, state and EMA; losses that do not difference forwards match fp32."""
@@ -960,7 +919,6 @@ def test_recomputed_blocks_give_the_same_step_and_bf16_autocast_matches_fp32_wit
     for k in ("d_adv", "loss_G", "repa_cls", "repa_patch"):
         assert out[k] == pytest.approx(a[k].item(), abs=0.03), k
 
-
 def saved_for_backward(fn, exclude):
     """(fn's result, bytes autograd saved for backward while fn ran, the storages of `exclude` left out)."""
     known, seen = {t.untyped_storage().data_ptr() for t in exclude}, {}
@@ -973,7 +931,6 @@ def saved_for_backward(fn, exclude):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
-
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_block_memory_formula_counts_what_autograd_saves(bf16):
@@ -994,7 +951,6 @@ def test_block_memory_formula_counts_what_autograd_saves(bf16):
             weights = bf16 * sum(2 * p.numel() for p in block.parameters() if p.dim() >= 2 or p.numel() == C // H)
             est = N * gat.block_saved_bytes(T, C, H, bf16, flash, frozen, kind == "G") + weights
             assert est == pytest.approx(measured, rel=0.02 if flash else 0.03), (size, kind, frozen, flash)
-
 
 @pytest.mark.parametrize("size,rows", [("tiny", 4), ("S", 2)])
 def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
@@ -1029,7 +985,6 @@ def test_memory_estimate_within_15_percent_of_torchs_count(size, rows):
         if ckpt == (0, 0):
             assert est["d_step"] == pytest.approx(d_step, rel=0.15)  # activations alone, where they dominate
 
-
 @pytest.mark.parametrize("grad_ckpt", ["off", "all"])
 def test_memory_figure_within_15_percent_of_the_peak_rss(grad_ckpt):
     """The figure --grad-ckpt auto budgets with vs the benchmark's peak RSS (S/2, batch 2, fresh process)."""
@@ -1038,7 +993,6 @@ def test_memory_figure_within_15_percent_of_the_peak_rss(grad_ckpt):
     r = json.loads(python("-c", code, timeout=600, threads="2").stdout.split("RESULT ")[-1])
     assert r["recomputed_blocks_D_G"] == ([0, 0] if grad_ckpt == "off" else [12, 12])
     assert r["estimated_device_gib"] == pytest.approx(r["measured_device_gib"], rel=0.15), r
-
 
 def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatch, capsys):
     """--grad-ckpt auto against a fake device size; off / all / N as asked; bad values name the flag."""
@@ -1074,7 +1028,6 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
     assert est["device"] == pytest.approx(outside + est["persistent"] + 1.6 * (est["peak"] - est["persistent"]))
     assert gat.parse_args(["--grad-ckpt", "3"])[0].grad_ckpt == "3" and gat.Config().grad_ckpt == "auto"
     assert gat.per_rank_rows(gat.Config(batch_size=512, grad_accum=2), 4) == 64  # the micro-batch is what is saved
-
 
 # ==== gat.py: the GPU path seen from a CPU (random streams, what DDP and autocast hold, multi-node resume) ====
 def test_ddp_gradients_live_in_its_buckets_and_the_d_steps_fakes_leave_no_cast_weights_alive():
@@ -1113,7 +1066,6 @@ def test_ddp_gradients_live_in_its_buckets_and_the_d_steps_fakes_leave_no_cast_w
     hook.remove()
     assert len(casts) > 10 and alive_at_d == [0]  # G's weights were cast, and freed before D ran
 
-
 def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_reports(tmp_path, gpu_seeds,
                                                                                    _prep_reference):
     """TF32 only with bf16, in a run and in the benchmark (whose figures are checked on the way, the loader's on a
@@ -1141,7 +1093,6 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
     # the paper's "119 GFLOPs" for GAT-XL/2's G count multiply-adds (as DiT does); we count 2 FLOPs per MAC
     assert flops["G"] / 2e9 == pytest.approx(119, rel=0.02)
 
-
 def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clearly(tmp_path):
     """Node-local results folders: rank 0 decides the resume and a node that cannot see it fails clearly."""
     run = lambda steps: [os.path.join(HERE, "gat.py"), "--data", "digits", "--results", "results", "--name", "r",
@@ -1166,7 +1117,6 @@ def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clea
     rngs = ckpt_of(disks[0] / "results")["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])  # each rank its own stream
 
-
 # ==== gat.py on a GPU: run wherever CUDA is present (python test_gat.py there), skipped elsewhere ========
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the GPU path: per-rank "
                                 "CUDA streams, resume on the GPU, the memory estimate against the CUDA allocator, "
@@ -1185,7 +1135,6 @@ settings = dict(data="digits", results=sys.argv[2], name=sys.argv[3], steps=int(
 gat.train(gat.Config(**gat.DIGITS_PRESET | settings))
 '''
 
-
 @needs_cuda
 def test_gpu_ranks_draw_their_own_cuda_numbers_and_resume_bit_exactly(tmp_path):
     """Two ranks on one GPU draw distinct CUDA streams, and 2 + 2 steps end bit for bit where 4 do."""
@@ -1202,7 +1151,6 @@ def test_gpu_ranks_draw_their_own_cuda_numbers_and_resume_bit_exactly(tmp_path):
             assert_same_state(st, b[k]["state"][i])
     for ra, rb in zip(a["rng"], b["rng"]):
         assert_same_state(ra, rb)
-
 
 @needs_cuda
 @pytest.mark.parametrize("grad_ckpt", ["off", "all"])
@@ -1225,7 +1173,6 @@ def test_gpu_memory_estimate_within_15_percent_of_the_device_flash_attention_and
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
-
 @needs_cuda
 def test_gpu_one_bf16_compiled_step():
     """--compile in bf16: one iteration runs with finite values and fp32 weights."""
@@ -1236,7 +1183,6 @@ def test_gpu_one_bf16_compiled_step():
     assert all(torch.isfinite(v) for v in out.values())
     assert {p.dtype for p in s.models.G_raw.parameters()} == {torch.float32}
     torch._dynamo.reset()
-
 
 # ==== prep_latents.py =================================================================================================
 # slot order: sorted classes, sorted files; "dog" is an empty class that must still take label 3
@@ -1253,12 +1199,10 @@ _PREP_RANDOM_IMAGES = {  # path: (width, height, PIL mode if not RGB)
     "bee/b4.tif": (48, 36), "cat/c1.jpg": (200, 150), "cat/c2.webp": (36, 48), "eel/e0.jpg": (40, 40),
     "eel/e1.png": (40, 40), "eel/sub/e2.jpg": (40, 40), ".cache/x.jpg": (40, 40)}
 
-
 def _prep_handmade(w=530, h=260):
     """An image whose every column and row differs, so a crop off by one pixel shows."""
     x, y = np.meshgrid(np.arange(w), np.arange(h))
     return Image.fromarray(np.stack([x % 256, y % 256, (3 * x + 7 * y) % 256], -1).astype(np.uint8))
-
 
 @pytest.fixture(scope="session")
 def _prep_tree(tmp_path_factory):
@@ -1275,12 +1219,10 @@ def _prep_tree(tmp_path_factory):
         (root / name).write_text(text)
     return root
 
-
 def _prep_args(images, out, vae, *extra):
     # --device cpu even where a GPU exists: the runs must be comparable bit for bit, and gloo needs no GPUs
     return ["--images", str(images), "--out", str(out), "--vae", vae, "--resolution", "32", "--device", "cpu",
             "--batch-size", "2", "--shard-size", "4", "--workers", "0", *extra]
-
 
 @pytest.fixture(scope="session")
 def _prep_reference(tmp_path_factory, _prep_tree, vae_dir):
@@ -1293,12 +1235,10 @@ def _prep_reference(tmp_path_factory, _prep_tree, vae_dir):
                                  "--inception", str(out.parent / "inception.pth")))
     return out
 
-
 def _prep_read(out):
     arrays = {k: np.load(out / f"{k}.npy", mmap_mode="r") for k in ("moments", "images", "labels", "valid")}
     manifest = json.loads((out / "manifest.json").read_text())
     return arrays, manifest
-
 
 def _prep_assert_same(out, ref):
     arrays, manifest = _prep_read(out)
@@ -1309,7 +1249,6 @@ def _prep_assert_same(out, ref):
     assert drop(manifest) == drop(ref_manifest)
     for name in ("files.txt", "skipped.jsonl"):
         assert (out / name).read_text() == (ref / name).read_text(), name
-
 
 def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     out = _prep_reference
@@ -1373,7 +1312,6 @@ def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     small = _prep_handmade(20, 31)
     assert np.array_equal(prep_latents.center_crop(small, 64), np.asarray(small.resize((64, 99), Image.BICUBIC))[17:81])
 
-
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
 def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fails_at_start(_prep_reference, vae_dir,
                                                                                            tmp_path, monkeypatch):
@@ -1403,7 +1341,6 @@ def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fail
     gat.train(cfg)
     assert ckpt_of(tmp_path, "v")["config"]["vae"] == cfg.vae
     assert os.path.isfile(tmp_path / "v" / "samples_0000001_trunc0.png")  # decoded through the VAE given
-
 
 def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_reference, _prep_tree, vae_dir, tmp_path,
                                                                     monkeypatch, capsys):
@@ -1459,7 +1396,6 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
     assert slots[0] | slots[1] == set(range(len(_PREP_FILES)))
     _prep_assert_same(out, _prep_reference)
 
-
 # ==== sample.py =======================================================================================================
 def _sample_save_checkpoint(path, **cfg_kw):
     """A tiny G as a gat.py checkpoint, class means of w set to each class's mean w (faster than a real run)."""
@@ -1474,12 +1410,10 @@ def _sample_save_checkpoint(path, **cfg_kw):
                 "G_ema": G.state_dict()}, path)
     return str(path)
 
-
 @pytest.fixture(scope="module")
 def _sample_pixel_ckpt(tmp_path_factory):
     return _sample_save_checkpoint(tmp_path_factory.mktemp("ckpt") / "latest.pt", data="digits", num_classes=10,
                                    channels=1, input_size=8, data_kind="pixel")
-
 
 def _sample_run(*argv):
     """sample.py with argv -> (images, labels) of the .npz it wrote in --out (None if it wrote none)."""
@@ -1488,10 +1422,8 @@ def _sample_run(*argv):
         with np.load(npz) as f:
             return f["arr_0"], f["arr_1"]
 
-
 def _sample_expected(G, z, y, truncation=0.0, guidance=1.0):
     return sample.to_uint8(G.generate(z, y, truncation, guidance)).numpy()
-
 
 def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp_path):
     # 10 images in batches of 4: the ranks get 4 and 6 images, one a partial batch; 1 image: rank 0 gets none
@@ -1513,7 +1445,6 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
         assert all((np.asarray(Image.open(tmp_path / d / "images" / p)) == x[i]).all() for i, p in enumerate(pngs))
         assert sorted(os.listdir(tmp_path / d)) == ["images", "samples_10x8x8x3.npz"]  # shards removed
 
-
 def test_sample_images_come_from_seed_and_index_and_truncate_to_class_means(_sample_pixel_ckpt, tmp_path):
     G, _ = sample.load_generator(_sample_pixel_ckpt)
     z, y_random = sample.latent_codes(5, range(12), G.z_dim, 10)
@@ -1534,7 +1465,6 @@ def test_sample_images_come_from_seed_and_index_and_truncate_to_class_means(_sam
     x_free, _ = npz("class_free", "--classes", "3,7", "--truncation", "0.5", "--guidance", "0")
     assert (x_free == _sample_expected(G, z, torch.tensor([3, 7] * 6), 0.5, 0.0)).all() and (x_free != x_half).any()
     assert (npz("raw", "--raw")[0] != x).any() and (npz("other_seed", "--seed", 6)[0] != x).any()
-
 
 def test_sample_grid_interpolation_and_block_contributions(_sample_pixel_ckpt, tmp_path, capsys):
     """Grids: rows classes, columns seeds, blocks truncations or guidances. Interpolation strips end at the two
@@ -1589,7 +1519,6 @@ def test_sample_grid_interpolation_and_block_contributions(_sample_pixel_ckpt, t
     assert "separate modes" in refused(capsys, sample, "--ckpt", _sample_pixel_ckpt, "--grid", "--block-contributions",
                                        2)
 
-
 def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_pixel_ckpt, tmp_path, capsys):
     """Ours or the authors', a checkpoint that cannot give a generator ends in one error naming the file."""
     (tmp_path / "damaged.pt").write_bytes(open(_sample_pixel_ckpt, "rb").read()[:5000])
@@ -1614,7 +1543,6 @@ def test_sample_damaged_foreign_or_incomplete_checkpoints_fail_clearly(_sample_p
     _sample_run("--ckpt", _sample_pixel_ckpt, "--num-images", 2, "--out", tmp_path / "twice")
     assert "is not empty" in refused(capsys, sample, "--ckpt", _sample_pixel_ckpt, "--num-images", 2,
                                            "--out", tmp_path / "twice")
-
 
 def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_path(tmp_path, capsys, vae_dir):
     ckpt = _sample_save_checkpoint(tmp_path / "latent.pt", num_classes=3, channels=4, input_size=4,
@@ -1671,7 +1599,6 @@ def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_pa
                 "--out", tmp_path / "a")
     assert os.listdir(tmp_path / "a") == ["samples_2x64x64x3.npz"]
 
-
 def authors_layout(G):
     """G's weights under the authors' generator.py names, with their 4 extra tensors."""
     renames = [(r"^tokens$", "pos_embed"), (r"^class_embed\.", "y_embedder.embedding_table."),
@@ -1692,7 +1619,6 @@ def authors_layout(G):
     return theirs | {"x_embedder.proj.weight": torch.randn(C, G.channels, p, p), "x_embedder.proj.bias": torch.randn(C),
                      "feat_rope.freqs_cos": G.rope_cos.clone(), "feat_rope.freqs_sin": G.rope_sin.clone()}
 
-
 # ==== fid.py ==========================================================================================================
 def _fid_images(n, size=256, seed=0):
     # smooth colour gradients plus noise: closer to photos than pure noise, still arbitrary
@@ -1701,7 +1627,6 @@ def _fid_images(n, size=256, seed=0):
     imgs = [np.stack([127 + 120 * np.sin(6 * a * xx + 4 * b * yy + c) for a, b, c in rng.uniform(0, 1, (3, 3))], -1)
             + rng.normal(0, 12, (size, size, 3)) for _ in range(n)]
     return np.clip(np.stack(imgs), 0, 255).astype(np.uint8)
-
 
 def test_fid_inception_state_dict_layout_pool_branches_strict_loading_and_parity_with_fid_helper(tmp_path,
                                                                                                  monkeypatch):
@@ -1765,7 +1690,6 @@ def test_fid_inception_state_dict_layout_pool_branches_strict_loading_and_parity
     # a different image gives different features: the comparison is not vacuous
     assert np.abs(feats["pool"][0] - feats["pool"][1]).max() > 1e-2
 
-
 def test_fid_tf_resize_rule_preprocess_scaling_layout_checks_and_hwc_flattened_spatial_features():
     row = torch.tensor([0.0, 3.0]).reshape(1, 1, 1, 2)
     assert fid.tf_resize(row, (1, 3)).flatten().tolist() == [0.0, 2.0, 3.0]
@@ -1808,7 +1732,6 @@ def test_fid_tf_resize_rule_preprocess_scaling_layout_checks_and_hwc_flattened_s
     for hh, ww, cc in ((0, 0, 6), (3, 11, 2), (16, 16, 0)):
         assert s[1, (hh * 17 + ww) * 7 + cc] == cc * 10000 + hh * 100 + ww
     assert s.max() < 7 * 10000  # channels >= 7 dropped
-
 
 def test_fid_frechet_distance_closed_forms_sqrt_rank_deficiency_stats_inception_score_precision_recall():
     rng = np.random.default_rng(0)
@@ -1883,7 +1806,6 @@ def test_fid_frechet_distance_closed_forms_sqrt_rank_deficiency_stats_inception_
     with pytest.raises(ValueError, match="at least k \\+ 1 = 4"):
         fid.precision_recall(ref, ref[:3])
 
-
 def test_fid_stats_file_roundtrip_adm_reference_and_image_sources(tmp_path):
     rng = np.random.default_rng(4)
     feats = {"pool": rng.normal(size=(50, 8)), "spatial": rng.normal(size=(50, 5))}
@@ -1930,13 +1852,11 @@ def test_fid_stats_file_roundtrip_adm_reference_and_image_sources(tmp_path):
         with pytest.raises(ValueError, match=message):
             fid.open_source(str(tmp_path / name))
 
-
 def _fid_run_cli(capsys, *argv):
     fid.main([str(a) for a in argv])
     out = capsys.readouterr()
     lines = out.out.strip().splitlines()
     return json.loads(lines[-1]), lines + out.err.splitlines()
-
 
 def test_fid_cli_stats_images_with_a_reference_batch_and_small_samples(tmp_path, capsys, mean_inception):
     # stats files only: no network loaded
@@ -1978,14 +1898,12 @@ def test_fid_cli_stats_images_with_a_reference_batch_and_small_samples(tmp_path,
     assert abs(result["fid"]) < 1e-6 and result["n_samples"] == 5  # same images, other order
     assert any(line.startswith("warning: samples: 5 images, fewer than 2,049") for line in lines)
 
-
 def _fid_dist_worker(rank, init_file, images, results):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     feats = fid.inception_features(_FidMeanModel(), images, batch_size=2, shard=True)
     gathered = fid.all_gather_rows(torch.full((rank + 1, 2), float(rank)))  # uneven counts: 1 row, 2 rows
     torch.save({"pool": feats["pool"], "gathered": gathered}, f"{results}{rank}.pt")
     torch.distributed.destroy_process_group()
-
 
 def test_fid_sharded_extraction_under_two_processes(tmp_path):
     images = np.random.default_rng(8).integers(0, 256, (7, 4, 4, 3), dtype=np.uint8)
@@ -1995,7 +1913,6 @@ def test_fid_sharded_extraction_under_two_processes(tmp_path):
         out = torch.load(tmp_path / f"r{rank}.pt", weights_only=False)
         assert np.array_equal(out["pool"], single)  # same rows, same order as one process
         assert out["gathered"].tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
-
 
 # ==== every script: a wrong invocation ends in one `error:` line naming the flag, no traceback; import is silent ====
 def _bad_inputs(t, vae):
@@ -2045,7 +1962,6 @@ def _bad_inputs(t, vae):
                "--resolution 36 is not a multiple of the VAE's downsampling factor 8")]
     return [(script, argv.split(), named) for script, argv, named in cases]
 
-
 def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, vae_dir):
     """main(argv) of each script: exit 1 (2 from argparse) with one `error:` line naming the flag, no traceback."""
     cases = _bad_inputs(tmp_path, vae_dir)
@@ -2065,7 +1981,6 @@ def test_wrong_invocations_end_in_one_error_line(tmp_path, capsys, vae_dir):
         assert out.returncode == 1 and "Traceback" not in out.stderr
         assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
 
-
 # ==== end to end: images -> prep_latents.py -> gat.py -> sample.py -> fid.py (stand-in Inception) ==================
 def _images_to_samples(tmp_path, images, vae, n, prep=(), **cfg_kw):
     """Prepares images with vae, trains a tiny G on them (batch 2, run "r"), samples n images -> (manifest of the
@@ -2076,7 +1991,6 @@ def _images_to_samples(tmp_path, images, vae, n, prep=(), **cfg_kw):
     _sample_run("--ckpt", tmp_path / "r" / "checkpoints" / "latest.pt", "--num-images", n, "--out", tmp_path / "s",
                 "--device", "cpu", "--batch-size", 2, "--no-png")
     return _prep_read(tmp_path / "lat")[1], ckpt_of(tmp_path), next((tmp_path / "s").glob("samples_*.npz"))
-
 
 def test_other_vae_and_a_flat_folder_from_images_to_latents_training_samples_and_fid(tmp_path, monkeypatch, capsys,
                                                                                      mean_inception):
@@ -2124,7 +2038,6 @@ def test_other_vae_and_a_flat_folder_from_images_to_latents_training_samples_and
            "config": {k: v for k, v in ckpt["config"].items() if not k.startswith("latent_")}}
     assert gat.upgrade_checkpoint(old)["config"]["latent_scale"] == gat.LATENT_SCALE  # older ones: SD-VAE latents
 
-
 def test_imagenet512_images_to_latents_to_training_samples_and_fid(tmp_path, monkeypatch, capsys, mean_inception,
                                                                    vae_dir):
     """512 px: prep_latents writes 64x64 latents; DINOv2 sees 448 px (REPA's rule, 32x32 tokens) for D's 32x32 grid at
@@ -2151,7 +2064,6 @@ def test_imagenet512_images_to_latents_to_training_samples_and_fid(tmp_path, mon
     capsys.readouterr()
     result, _ = _fid_run_cli(capsys, npz, npz, "--device", "cpu")  # the samples against themselves
     assert result["n_samples"] == 4 and result["fid"] == pytest.approx(0, abs=1e-6) and mean_inception
-
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
