@@ -1540,7 +1540,7 @@ def loader_rate(cfg, device, batches=20):
     it = batch_iterator(data, c, 0, 1, 0, device)
     for _ in range(c.steps - batches):
         next(it)
-    return batches * c.batch_size / timed(lambda: next(it), device, batches)
+    return c.batch_size / timed(lambda: next(it), device, batches)  # timed(): seconds per batch
 
 def count_host_syncs(step, device):
     """How often one call of step() makes the host wait for the GPU (CUDA reports each); None on CPU."""

@@ -1067,9 +1067,10 @@ def test_ddp_gradients_live_in_its_buckets_and_the_d_steps_fakes_leave_no_cast_w
     assert len(casts) > 10 and alive_at_d == [0]  # G's weights were cast, and freed before D ran
 
 def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_reports(tmp_path, gpu_seeds,
-                                                                                   _prep_reference):
+                                                                                   _prep_reference, monkeypatch):
     """TF32 only with bf16, in a run and in the benchmark (whose figures are checked on the way, the loader's on a
-    latent folder); fid.py's Inception turns TF32 convolutions off for itself and restores the setting."""
+    latent folder; each rate from timed()'s seconds per call, with a clock that says 0.25 s);
+    fid.py's Inception turns TF32 convolutions off for itself and restores the setting."""
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     saved = flags()
     try:
@@ -1082,6 +1083,11 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
             assert flags() == (want, want), precision
             assert r["ms_per_iteration"] > 0 and 0 < r["mfu"] < 1.5 and r["sample_G_images_per_s"] > 0
             assert r["loader_images_per_s"] > 0 and r["host_syncs_per_step"] is None  # counted on CUDA only
+        monkeypatch.setattr(gat, "timed", lambda fn, device, iters: [fn() for _ in range(iters)] and 0.25)
+        r = gat.benchmark(gat.Config(size="tiny", batch_size=2, repa_weight=0.0, device="cpu", num_workers=0,
+                                     data=str(_prep_reference)), warmup=1, iters=1)
+        assert r["ms_per_iteration"] == 250 and r["images_per_s"] == r["sample_G_images_per_s"] == 8
+        assert r["loader_images_per_s"] == 8  # a batch of 2 per 0.25 s
         torch.backends.cudnn.allow_tf32 = True
         with fid._ieee_fp32_convs():
             assert not torch.backends.cudnn.allow_tf32
