@@ -1477,10 +1477,11 @@ def setup_recompute(cfg, G, D, teacher, device, world, outside):
 # model FLOPs counted from the architecture (matmuls only, backward = 2x forward), so that MFU says how
 # much of the device's matmul peak the step turns into model arithmetic; the memory estimate beside the
 # measured peak; and the rates of the data loader and of sampling.
-GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8, "L40S": 362.0, "4090": 165.2}
+GPU_BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "A6000": 154.8,
+                        "L40S": 362.0, "4090": 165.2}
 
 def gpu_peak_flops(device):
-    """(datasheet bf16 dense peak in FLOP/s or nan, its description) for the GPU's name."""
+    """(datasheet bf16 dense peak in FLOP/s or nan, its description) for the first key in the GPU's name."""
     name = torch.cuda.get_device_name(device)
     key = next((k for k in GPU_BF16_PEAK_TFLOPS if k in name), None)
     if key is None:

@@ -1088,6 +1088,11 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
                                      data=str(_prep_reference)), warmup=1, iters=1)
         assert r["ms_per_iteration"] == 250 and r["images_per_s"] == r["sample_G_images_per_s"] == 8
         assert r["loader_images_per_s"] == 8  # a batch of 2 per 0.25 s
+        for name, tflops in (("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                             ("Tesla K80", math.nan)):  # the datasheets' dense bf16 peaks; unknown: nan, no MFU
+            monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+            peak = gat.gpu_peak_flops(0)[0] / 1e12
+            assert peak == tflops or math.isnan(peak) and math.isnan(tflops), name
         torch.backends.cudnn.allow_tf32 = True
         with fid._ieee_fp32_convs():
             assert not torch.backends.cudnn.allow_tf32
