@@ -73,7 +73,7 @@ def setting(default, help, **allowed):
 class Config:
     # model
     size: str = setting("XL", "model size", choices=tuple(MODEL_SIZES))
-    patch: int = setting(2, "patch size on the 32x32 latent", choices=PATCH_SIZES)
+    patch: int = setting(2, "patch size on the latent (32x32 at 256 px)", choices=PATCH_SIZES)
     z_dim: int = setting(64, "latent code z ~ N(0, I)", at_least=1)
     num_levels: int = setting(4, "K MNG output heads; 1 = the no-MNG ablation (no noise either)", at_least=1)
     fixed_pos_embed: bool = setting(False, "ablation: the paper's fixed sin-cos position tables (the code trains them)")
@@ -630,13 +630,18 @@ def teacher_features(teacher, images_u8, aug, grid):
     size = teacher.patch_embed.img_size  # 224, or 448 for 512-px images
     x = F.interpolate((x - teacher.pixel_mean) / teacher.pixel_std, size=size, mode="bicubic")
     x = augment(x, aug, teacher=True)
-    tokens = teacher.forward_features(x)  # [B, 1+256, dim]
+    tokens = teacher.forward_features(x)  # [B, prefix + (size/14)^2, dim]
     cls, patches = tokens[:, :1], tokens[:, teacher.num_prefix_tokens:]
     g = math.isqrt(patches.shape[1])
     if g != grid:  # D has fewer tokens at patch 4 or 8: resize the teacher's token map to match
         patches = patches.transpose(1, 2).reshape(-1, patches.shape[2], g, g)  # [B, dim, g, g]
         patches = F.interpolate(patches.float(), size=grid, mode="bicubic").flatten(2).transpose(1, 2)
     return torch.cat([cls, patches.to(cls.dtype)], dim=1)
+
+def exact_gp_attention(cfg):
+    """--exact-gp differentiates D twice: the math attention kernel (the fused ones have no second derivative), in
+    D's forward and in the D step's backward, where the blocks --grad-ckpt recomputes run D's forward again."""
+    return torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if cfg.exact_gp else contextlib.nullcontext()
 
 def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     """The D step's loss. One D forward over a 4B batch [real, real nudged, fake, fake nudged]: the
@@ -652,9 +657,9 @@ def d_loss(D, fake_levels, x_real, y, cfg, teacher=None, images_u8=None):
     repa_rows = B if teacher is not None else 0
     if teacher is not None:  # before D's forward: the teacher's temporaries come and go below D's saved tensors
         target = teacher_features(teacher, images_u8, aug_real, x_real.shape[-1] // cfg.patch)
-    if cfg.exact_gp:  # ablation: true R1/R2 by double backward (math attention kernel required)
+    if cfg.exact_gp:  # ablation: true R1/R2 by double backward
         x_real, fake_levels = x_real.detach().requires_grad_(), fake_levels.detach().requires_grad_()
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        with exact_gp_attention(cfg):
             logits, feats = D(torch.cat([see_real(x_real), see_fake(fake_levels)]), y.repeat(2), repa_rows)
             l_real, l_fake = logits.float().chunk(2)
             r1, r2 = exact_gradient_penalty(l_real, x_real), exact_gradient_penalty(l_fake, fake_levels)
@@ -944,7 +949,7 @@ def d_step(models, opt_D, teacher, micro, cfg, autocast):
         # require grad, even under no_grad, until its block ends; here they are freed before D's backward
         with torch.no_grad(), autocast:
             fake = models.G_fakes(z, y)[0]  # G's output is a constant for D
-        with sync_on_last(models.D, i, len(micro)), autocast:
+        with sync_on_last(models.D, i, len(micro)), autocast, exact_gp_attention(cfg):
             loss, parts = d_loss(models.D, fake, x_real, y, cfg, teacher, images)
             (loss / len(micro)).backward()
         for k, v in (parts | {"loss_D": loss}).items():
@@ -1427,17 +1432,17 @@ def device_figure(est, outside, device):
     """The estimate as the device sees it: held outside tensors + persistent tensors + the step's with slack."""
     return outside + est["persistent"] + (est["peak"] - est["persistent"]) * (1 + ALLOCATOR_SLACK[device.type])
 
-def memory_budget(device, outside):
+def memory_budget(device, held):
     """(bytes the device figure may reach, how found). CUDA: 95% of the total (not the free memory: every
-    rank decides alike). CPU: 90% of MemAvailable shared by the host's processes, plus what this process
-    held when measured."""
+    rank decides alike). CPU: 90% of MemAvailable shared by the host's processes, plus `held`, what this
+    process holds already and MemAvailable no longer counts (the runtime, the models built)."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         return 0.95 * total, f"95% of {device}'s {total / 2**30:.1f} GiB"
     with open("/proc/meminfo") as f:
         avail = 1024 * int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return 0.9 * avail / local + outside, f"90% of the host's {avail / 2**30:.1f} GiB available" + (f" / {local} processes" if local > 1 else "")
+    return 0.9 * avail / local + held, f"90% of the host's {avail / 2**30:.1f} GiB available" + (f" / {local} processes" if local > 1 else "")
 
 def choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device):
     """(blocks recomputed in D, in G), estimate. auto: the fewest for the device figure to fit, D's first
@@ -1458,7 +1463,7 @@ def per_rank_rows(cfg, world):  # one forward's rows on one process: the micro-b
 def setup_recompute(cfg, G, D, teacher, device, world, outside):
     """Chooses and sets the blocks G and D recompute -> (the line that says what and why, estimate)."""
     bf16, rows = use_bf16(cfg, device), per_rank_rows(cfg, world)
-    budget, how = memory_budget(device, outside)
+    budget, how = memory_budget(device, outside + memory_estimate(cfg, G, D, rows, teacher=teacher)["resident"])
     (nd, ng), est = choose_recompute(cfg, G, D, teacher, rows, bf16, budget, outside, device)
     D.ckpt_blocks, G.ckpt_blocks = nd, ng
     gib = lambda b: f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"

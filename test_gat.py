@@ -898,18 +898,22 @@ def test_grad_accum_matches_the_big_batch(monkeypatch):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in G2.parameters())
 
 def test_recomputed_blocks_give_the_same_step_and_bf16_autocast_matches_fp32_with_fp32_weights():
-    """--grad-ckpt off, all and partial (D's blocks first) give the same iteration: losses and weights. bf16 autocast
-    on CPU: fp32 weights, state and EMA; losses that do not difference forwards match fp32."""
+    """--grad-ckpt off, all and partial (D's blocks first) give the same iteration: losses and weights, with --exact-gp
+    too (its math attention kernel also where backward recomputes). bf16 autocast on CPU: fp32 weights, state and
+    EMA; losses that do not difference forwards match fp32."""
     runs = {}
-    for ckpt, precision in (((0, 0), "fp32"), ((4, 4), "fp32"), ((2, 1), "fp32"), ((0, 0), "bf16")):
-        s = step_setup(precision=precision, ckpt=ckpt)
+    for ckpt, precision in (((0, 0), "fp32"), ((4, 4), "fp32"), ((2, 1), "fp32"), ((0, 0), "bf16"), ((0, 0), "exact"),
+                            ((2, 1), "exact")):
+        s = step_setup(precision="fp32" if precision == "exact" else precision, ckpt=ckpt)
+        s.cfg.exact_gp = precision == "exact"
         runs[ckpt, precision] = s.run(), s
-    a, base = runs[(0, 0), "fp32"]
-    for ckpt in ((4, 4), (2, 1)):
-        b, other = runs[ckpt, "fp32"]
-        assert_same_state(a, b, rtol=1e-5, atol=1e-6)
-        assert_same_state(base.models.G_raw.state_dict(), other.models.G_raw.state_dict(), rtol=1e-5, atol=1e-7)
-        assert_same_state(base.models.D_raw.state_dict(), other.models.D_raw.state_dict(), rtol=1e-5, atol=1e-7)
+    for (ckpt, precision), (b, other) in runs.items():
+        if ckpt != (0, 0):
+            a, base = runs[(0, 0), precision]
+            assert_same_state(a, b, rtol=1e-5, atol=1e-6)
+            assert_same_state(base.models.G_raw.state_dict(), other.models.G_raw.state_dict(), rtol=1e-5, atol=1e-7)
+            assert_same_state(base.models.D_raw.state_dict(), other.models.D_raw.state_dict(), rtol=1e-5, atol=1e-7)
+    a = runs[(0, 0), "fp32"][0]
     out, s = runs[(0, 0), "bf16"]
     assert s.autocast.fast_dtype == torch.bfloat16 and s.autocast._enabled
     assert all(torch.isfinite(v) for v in out.values())
@@ -1020,8 +1024,10 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
         with pytest.raises(gat.UserError, match="expected auto, off, all or a number of blocks 0..12 per model"):
             gat.parse_grad_ckpt(bad, depth)
     cfg.grad_ckpt = "auto"
-    monkeypatch.setattr(gat, "memory_budget", lambda device, outside: ((peak((3, 0)) + peak((2, 0))) / 2, "fake"))
+    held = []  # the budget adds what the process holds: the runtime and the models it has built (weights, EMA, teacher)
+    monkeypatch.setattr(gat, "memory_budget", lambda device, h: held.append(h) or ((peak((3, 0)) + peak((2, 0))) / 2, ""))
     line, est = gat.setup_recompute(cfg, G, D, gat.TEACHER_SHAPE, cpu, 8, outside)  # 8 ranks: 64 rows each
+    assert held == [outside + est["resident"]] and est["resident"] > 2**29
     assert "recomputes 3/12 D blocks and 0/12 G blocks, the fewest (D's first)" in line
     assert (D.ckpt_blocks, G.ckpt_blocks) == (3, 0)
     assert "1.0 GiB held before the run (runtime)" in line and est["device"] == peak((3, 0))
