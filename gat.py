@@ -778,9 +778,11 @@ def batch_iterator(data, cfg, rank, world, start, device):
             yield data["x"][rows].to(device), None, data["y"][rows].to(device)
         return
     workers = cfg.num_workers
+    # the iterator draws its workers' base seed from `generator`: its own, or the run's CPU stream would move
+    # one draw at each start and a resumed run would not continue the stream it left
     loader = torch.utils.data.DataLoader(LatentBatches(data, cfg, rank, world, start), batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                         prefetch_factor=4 if workers else None)
+                                         prefetch_factor=4 if workers else None, generator=torch.Generator())
     for moments, images, labels in loader:
         mean, std = moments.to(device, non_blocking=True).float().chunk(2, dim=1)  # [b, C, h, w] each
         x = cfg.latent_scale * (mean + std * torch.randn_like(mean) - cfg.latent_shift)  # a fresh posterior sample
@@ -850,8 +852,8 @@ def check_compatible(ckpt_cfg, cfg, path):
 
 def seed_streams(seed, device):
     """Seeds this process's own random streams: the CPU generator and, on a GPU, only this process's
-    device (torch.manual_seed would seed every GPU: called on every rank, it would give all ranks the
-    same z, noise and augmentation)."""
+    device (torch.manual_seed seeds every visible GPU: a later call with a common seed, an evaluator's,
+    would give every rank the same z, noise and augmentation)."""
     torch.default_generator.manual_seed(seed)
     if device.type == "cuda":
         with torch.cuda.device(device):
@@ -989,7 +991,8 @@ def train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast):
     update_ema(models.G_ema, models.G_raw, cfg.ema_decay)
     return logs | logs_G
 
-STOP = {"signal": None}  # SIGTERM or Ctrl-C, acted on at the end of the log interval: a checkpoint, a clean exit
+STOP = {"signal": None}  # SIGTERM or Ctrl-C: a checkpoint and a clean exit after this step (several ranks: at the
+                         # end of the log interval, where they agree)
 
 def setup_distributed(cfg):
     """-> (rank, world, device): torchrun's process group (NCCL on GPUs, gloo on CPUs) or one process."""
@@ -1567,7 +1570,8 @@ def benchmark(cfg, warmup=3, iters=None):
     oneDNN's, the allocators' and the compiler's first passes are the slow ones) and prints the figures."""
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     iters = iters or (10 if device.type == "cuda" else 3)
-    check_batch_size(cfg, None, 1)
+    latents = cfg.data != "digits" and os.path.isdir(cfg.data)  # a latent folder here: its loader is timed too
+    check_batch_size(cfg, len(load_latents(cfg.data)["index"]) if latents else None, 1)
     set_tf32(use_bf16(cfg, device))
     cfg.num_classes, cfg.channels, cfg.input_size, cfg.data_kind = 1000, 4, 32, "latent"
     # the CPU's peak before and after the run, the higher kept: a shared machine can depress one
@@ -1613,7 +1617,7 @@ def benchmark(cfg, warmup=3, iters=None):
              estimated_device_gib=est["device"] / 2**30, measured_device_gib=held / 2**30,
              estimated_tensors_gib=est["peak"] / 2**30, measured_tensors_gib=tensors and tensors / 2**30,
              sample_G_images_per_s=sb / sample_s)
-    if cfg.data != "digits" and os.path.isdir(cfg.data):  # the real data pipeline, if there is one here
+    if latents:
         r["loader_images_per_s"] = loader_rate(cfg, device)
     print(f"GAT-{cfg.size}/{cfg.patch} batch {b} on {device} ({r['precision']}, compile={cfg.compile}, REPA={r['repa']}): "
           f"{r['ms_per_iteration']:.1f} ms/iteration, {r['images_per_s']:.1f} images/s, MFU {r['mfu']:.1%} ({peak_what}); "

@@ -1,6 +1,6 @@
 """
-Turn a folder of class subfolders of images (ImageNet's train/ layout) into the Stable Diffusion VAE
-posterior moments that gat.py trains on, plus the cropped images for the REPA teacher.
+Turn a folder of class subfolders of images (ImageNet's train/ layout; or a flat folder, one class) into the
+Stable Diffusion VAE posterior moments that gat.py trains on, plus the cropped images for the REPA teacher.
 
     torchrun --nproc_per_node=8 prep_latents.py --images /path/imagenet/train --out data/imagenet256
     python prep_latents.py --images /path/imagenet/train            # one GPU, or the CPU
@@ -47,7 +47,7 @@ HOLDS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--images", required=True, help="folder with one subfolder of images per class, or of images (one class)")
     p.add_argument("--out", default="data/imagenet256", help="output folder (resumed if it exists)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
                    help="Hugging Face id (stabilityai/sd-vae-ft-ema or stabilityai/sd-vae-ft-mse) or a local "

@@ -501,6 +501,18 @@ def test_resume_is_bit_exact_and_reseeds_no_gpu_generator(tmp_path, overrides, s
         gat.seed_streams(1000 + rank + 1, torch.device("cuda", rank))
     assert gpu_seeds == [("one", 1001), ("one", 1002)]
 
+def test_resume_on_latents_is_bit_exact_too(tmp_path, _prep_reference):
+    """Latent batches come through a DataLoader, whose iterator draws a base seed when it is made: from a generator of
+    its own, or a resumed run would continue the CPU stream one draw later than the run it continues."""
+    cfg = lambda run, steps: gat.Config(data=str(_prep_reference), size="tiny", batch_size=4, repa_weight=0.0,
+                                        num_workers=0, results=str(tmp_path), name=run, steps=steps, log_every=2,
+                                        ckpt_every=2, sample_every=0, max_minutes=0.0, device="cpu")
+    for run, steps in (("straight", 4), ("resumed", 2), ("resumed", 4)):
+        gat.train(cfg(run, steps))
+    a, b = ckpt_of(tmp_path, "straight"), ckpt_of(tmp_path, "resumed")
+    for k in ("G", "D", "G_ema"):
+        assert_same_state(a[k], b[k])
+
 def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or_damaged(tmp_path, monkeypatch):
     """A checkpoint from before the trained tables resumes as fixed tables; another patch size is refused. A save
     killed before the rename keeps the previous file; memory-mapped, a node's ranks share one copy of the checkpoint;
@@ -1094,6 +1106,8 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
                                      data=str(_prep_reference)), warmup=1, iters=1)
         assert r["ms_per_iteration"] == 250 and r["images_per_s"] == r["sample_G_images_per_s"] == 8
         assert r["loader_images_per_s"] == 8  # a batch of 2 per 0.25 s
+        with pytest.raises(gat.UserError, match="--batch-size 1000 exceeds the"):  # before the first step, not after
+            gat.benchmark(gat.Config(size="tiny", batch_size=1000, device="cpu", data=str(_prep_reference)))
         for name, tflops in (("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
                              ("Tesla K80", math.nan)):  # the datasheets' dense bf16 peaks; unknown: nan, no MFU
             monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
