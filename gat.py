@@ -1588,13 +1588,14 @@ def benchmark(cfg, warmup=3, iters=None):
     b = cfg.batch_size
     batch = (torch.randn(b, 4, 32, 32, device=device), torch.randint(0, 256, (b, 256, 256, 3), dtype=torch.uint8, device=device),
              torch.randint(0, 1000, (b,), device=device))
-    step = lambda: train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast)
+    outs = []  # every step's logs, on the device: checked once timing is over
+    step = lambda: outs.append(train_step(models, opt_G, opt_D, teacher, batch, cfg, autocast))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):
-        out = step()
-    assert all(torch.isfinite(v).all() for v in out.values()), "non-finite values in the benchmark step"
+        step()
     dt = timed(step, device, iters)
+    assert all(torch.isfinite(v).all() for out in outs for v in out.values()), "non-finite values in the benchmark"
     flops = model_flops(cfg, teacher)["per_iteration"] * b
     # measured as the estimate counts: the device's whole use (GPU: the allocator's reserved memory plus
     # what was held outside it at the start; CPU: the process's peak RSS) and, on a GPU, the tensors'
