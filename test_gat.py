@@ -181,13 +181,20 @@ def test_every_size_and_patch_shapes_parameter_counts_and_width_aware_lr(size, p
 def test_tiny_forward_levels_accumulate_and_the_no_mng_ablation_has_one_level_and_no_noise():
     torch.manual_seed(0)
     G, D = tiny_models()
-    z, y = torch.randn(5, 64), torch.arange(5)
+    z, y, heads, last = torch.randn(5, 64), torch.arange(5), [], []
+    for h in G.heads:
+        h.register_forward_hook(lambda m, i, o: heads.append(o))
     levels, _ = G(z, y)
     assert levels.shape == (4, 5, 1, 8, 8) and torch.isfinite(levels).all()
     # level k is the sum of heads 1..k: the increments are the heads' own outputs, all non-zero
     assert all((levels[k] - levels[k - 1]).abs().sum() > 0 for k in range(1, 4))
+    dit_unpatchify = lambda o: torch.einsum("nhwpqc->nchpwq", o.view(5, 4, 4, 2, 2, 1)).reshape(5, 1, 8, 8)  # DiT's
+    assert torch.allclose(levels, torch.stack([dit_unpatchify(o) for o in heads]).cumsum(0), atol=1e-6)
+    D.blocks[-1].register_forward_hook(lambda m, i, o: last.append(o))
     logits, feats = D(gat.levels_to_channels(levels), y)
     assert logits.shape == (5,) and feats is None
+    cls = D.logit_proj(F.rms_norm(last[0][:, 0], (64,), D.final_norm.weight, 1e-6))  # projection D on the [cls] token
+    assert torch.allclose(logits, (cls * D.class_mapping(D.class_embed(y))).sum(1), atol=1e-5)
     G, D = tiny_models(levels=1)
     levels, _ = G(torch.randn(2, 64), torch.arange(2))
     assert levels.shape[0] == 1 and D.patch_embed.in_channels == 1
@@ -197,7 +204,10 @@ def test_tiny_forward_levels_accumulate_and_the_no_mng_ablation_has_one_level_an
 def test_sincos_and_rope_tables_and_attention_with_the_authors_qk_norm_eps():
     pe = gat.sincos_pos_embed(16, 4)
     assert pe.shape == (16, 16) and len({tuple(r.tolist()) for r in pe}) == 16  # every token distinct
+    assert torch.allclose(pe[6, :8], torch.cat([torch.sin(2 * 10000 ** -(torch.arange(4) / 4)),  # token 6: column 2
+                                                torch.cos(2 * 10000 ** -(torch.arange(4) / 4))]))  # first (MAE's)
     cos, sin = gat.rope_2d(8, 4)
+    assert torch.allclose(cos[6], torch.tensor([1, 1, 0.01, 0.01, 2, 2, 0.02, 0.02]).cos())  # row 1 then column 2
     # tokens in one row share the row half of the angles and differ in the column half
     assert torch.allclose(cos[0, :4], cos[3, :4]) and not torch.allclose(cos[0, 4:], cos[3, 4:])
     q = torch.randn(1, 1, 16, 8)
@@ -220,18 +230,20 @@ def test_sincos_and_rope_tables_and_attention_with_the_authors_qk_norm_eps():
     assert attn.q_norm.eps is None and torch.allclose(attn(x, rope), ref, atol=1e-6)
 
 def test_silu_gate_and_rms_norm_match_autograd_first_and_second_order():
-    # the memory-lean Functions of section 2 against autograd, double backward (--exact-gp) included
+    # the memory-lean Functions of section 2 against autograd, double backward (--exact-gp) and eps None included
     torch.manual_seed(0)
     a, b, x = (torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)
     for ours, ref, inputs in ((lambda: gat.SiLUGate.apply(a, b), lambda: F.silu(a) * b, (a, b)),
-                              (lambda: gat.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (16,), w, 1e-6), (x, w))):
+                              (lambda: gat.rms_norm(x, w, 1e-6), lambda: F.rms_norm(x, (16,), w, 1e-6), (x, w)),
+                              (lambda: gat.rms_norm(x / 1e3, w), lambda: F.rms_norm(x / 1e3, (16,), w), (x, w))):
         out, out_ref = ours(), ref()
         assert torch.allclose(out, out_ref)
         g = torch.randn_like(out)
         first = torch.autograd.grad(out, inputs, g, create_graph=True)
         first_ref = torch.autograd.grad(out_ref, inputs, g, create_graph=True)
         assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(first, first_ref))
+        assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(torch.autograd.grad(ours(), inputs, g), first_ref))
         second = torch.autograd.grad(sum((u ** 2).sum() for u in first), inputs)
         second_ref = torch.autograd.grad(sum((u ** 2).sum() for u in first_ref), inputs)
         assert all(torch.allclose(u, v, atol=1e-8) for u, v in zip(second, second_ref))
@@ -273,10 +285,15 @@ def test_augmentation_is_shared_across_levels_cutout_and_color_happen_and_color_
     out = gat.augment(x, p)
     hole = (out == 0).float().mean((1, 2, 3))
     assert (hole >= 1 / 16).all() and (hole <= 1 / 4).all()  # a half-size square, clipped at a corner at most
+    centred = gat.augment(torch.ones(1, 1, 32, 32), dict(cut_x=torch.tensor([0.5]), cut_y=torch.tensor([0.5])))
+    assert torch.equal(centred[0, 0] == 0, F.pad(torch.ones(16, 16), (8, 8, 8, 8)) > 0)  # centred on (cut_x, cut_y)
     p.update(gat.sample_augment(torch.randn(8, 4, 32, 32), "color"))
     p["color"][:] = True
     assert not torch.equal(gat.augment(x, p), out)
     assert torch.equal(gat.augment(x, gat.sample_augment(x, "")), x)  # empty policy: identity
+    p = gat.sample_augment(torch.zeros(1, 1, 16, 16).expand(20000, -1, -1, -1), "translation,flip")
+    assert p["flip"].float().mean().item() == pytest.approx(0.4, abs=0.02)  # flip with probability 0.4
+    assert set((p["tx"] * 16).round().tolist()) == set(range(-2, 3))  # translation by up to 1/8 of the image
     # y = ((x + b - m_s) S + m_s - m_c) C + m_c, means of the clean finest level, for every level and nudged copy;
     # d_loss draws the fakes' parameters from the finest level and the reals' from the clean real
     torch.manual_seed(0)
@@ -294,10 +311,11 @@ def test_augmentation_is_shared_across_levels_cutout_and_color_happen_and_color_
     assert torch.allclose(gat.augment(levels + nudge, p) - out, nudged, atol=1e-5)
     seen = []
     monkeypatch.setattr(gat, "sample_augment", lambda x, policy: seen.append(x) or {})
-    x_real, cfg = torch.randn(6, 4, 8, 8), gat.Config(size="tiny", augment="color")
-    D = tiny_models(channels=4)[1]
-    gat.d_loss(D, levels, x_real, torch.arange(6), cfg)
-    gat.g_loss(D, levels, x_real, torch.arange(6), cfg)
+    x_real, cfg, levels = torch.randn(6, 4, 8, 8), gat.Config(size="tiny", augment="color"), levels + 10
+    D = lambda x, y, repa_rows=0: (x.mean((1, 2, 3)), None)  # linear: its R1 is ||grad||^2 = 256 (1.84 / 1024)^2
+    _, logs = gat.d_loss(D, levels, x_real, torch.arange(6), cfg)
+    g = gat.g_loss(D, levels, x_real, torch.arange(6), cfg)  # fakes score mean(1 - t) 10 = 4.6 above the reals
+    assert logs["d_adv"] > 4 and g < 0.05 and logs["r1"] < 0.01 and logs["d_fake"] > logs["d_real"] + 4
     assert all(torch.equal(a, b) for a, b in zip(seen, [x_real, levels[-1]] * 2))
 
 def test_teacher_features_resize_to_d_grid_and_its_image_moves_by_the_same_fraction():
@@ -316,8 +334,13 @@ def test_teacher_features_resize_to_d_grid_and_its_image_moves_by_the_same_fract
     moved_lat, moved_img = gat.augment(lat, p, teacher=True), gat.augment(img, p, teacher=True)
     assert torch.allclose(frac(moved_lat), frac(moved_img), atol=1e-6)
     assert not torch.allclose(frac(moved_lat), frac(lat))  # it did move
-    # translation (x) moves rows by +tx of the image: source row r + 3 lands at r
-    assert frac(moved_lat)[0, 0].item() == pytest.approx((10 - 3 + 0.5) / 32)
+    # translation (x) moves rows by +tx of the image: source row r + 3 lands at r; a flip mirrors columns
+    assert torch.allclose(frac(moved_lat), torch.tensor([[7.5, 16.5], [12.5, 31 - 11 + 0.5]]) / 32)
+    assert gat.translate(torch.ones(1, 1, 8, 8), torch.tensor([3 / 8]), torch.tensor([0.0])).sum() == 5 * 8  # zero fill
+    x = (images.permute(0, 3, 1, 2) / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor(
+        [0.229, 0.224, 0.225])[:, None, None]  # DINOv2's ImageNet normalisation, then 224 px; no augmentation
+    ref = teacher.forward_features(F.interpolate(x, size=224, mode="bicubic"))
+    assert torch.allclose(gat.teacher_features(teacher, images, {}, 16), ref, atol=1e-5)
 
 # ==== gat.py: losses ==================================================================================================
 def test_relativistic_and_repa_loss_values_and_the_approximated_penalty_converges_to_exact_r1():
@@ -325,8 +348,10 @@ def test_relativistic_and_repa_loss_values_and_the_approximated_penalty_converge
     assert gat.relativistic_loss(a, b).item() == pytest.approx(np.mean([softplus(-2), math.log(2), softplus(2)]))
     assert gat.relativistic_loss(b, a).item() == pytest.approx(np.mean([softplus(2), math.log(2), softplus(-2)]))
     f = torch.randn(3, 5, 16)
-    for target, distance in ((2.5 * f, 0), (-f, 2)):  # aligned, opposite
-        assert [v.item() for v in gat.repa_loss(f, target)] == pytest.approx([distance] * 2, abs=1e-6)
+    for target, distances in ((2.5 * f, [0, 0]), (-f, [2, 2]), (torch.cat([f[:, :1], -f[:, 1:]], 1), [0, 2])):
+        assert [v.item() for v in gat.repa_loss(f, target)] == pytest.approx(distances, abs=1e-6)  # [cls], patches
+    v = torch.ones(2, 3, 1, 2, 2, requires_grad=True)  # [K, B, C, H, W], D = the sum: ||grad||^2 = K C H W per sample
+    assert gat.exact_gradient_penalty(v.sum((0, 2, 3, 4)), v).item() == 8
     # the approximated penalty converges to the exact R1
     torch.manual_seed(0)
     D = gat.Discriminator("tiny", 2, 10, 1, 8, num_levels=1, repa_dim=0).double()
@@ -372,6 +397,7 @@ def test_run_diagnostics_cknna_and_per_block_gradient_norms():
 def test_equalized_lr_is_one_hundredth():
     torch.manual_seed(0)
     eq, plain = gat.EqualizedLinear(8, 4, lr_mult=0.01), nn.Linear(8, 4)
+    eq.bias.data.normal_()  # the bias is scaled too
     plain.load_state_dict({k: v * 0.01 for k, v in eq.state_dict().items()})  # the same effective weights
     x, g = torch.randn(16, 8), torch.randn(16, 4)
     assert torch.allclose(eq(x), plain(x), atol=1e-6)
@@ -391,9 +417,10 @@ def test_class_means_of_w_truncation_toward_them_and_guidance_from_the_class_fre
     G.update_class_means(w, y)  # only the classes present move
     assert torch.allclose(G.w_avg[1], torch.full((64,), 0.005)) and torch.allclose(G.w_avg[4], G.w_avg[1])
     assert G.w_avg[0].abs().sum() == 0
-    G.double().update_class_means(w.double(), y)  # a G in double precision keeps float64 means
+    G.double().update_class_means(w.double(), torch.tensor([1, 1, 1]))  # float64 means in a double G; 4 absent
     expected = torch.full((64,), 0.005 * 0.995 + 0.005, dtype=torch.float64)
     assert G.w_avg.dtype == torch.float64 and torch.allclose(G.w_avg[1], expected)
+    assert torch.allclose(G.w_avg[4], torch.full((64,), 0.005, dtype=torch.float64))  # an absent class keeps its mean
     torch.manual_seed(0)
     G, _ = tiny_models(num_classes=70)  # more classes than one chunk of null_style
     G.w_avg.copy_(torch.randn_like(G.w_avg))
@@ -417,13 +444,15 @@ def test_gradients_reach_every_parameter(exact_gp):
     also with the --exact-gp ablation (R1/R2 by double backward)."""
     s = step_setup()
     cfg, G, D, (x, images, y) = s.cfg, s.models.G_raw, s.models.D_raw, s.batch
-    cfg.exact_gp = exact_gp
+    cfg.exact_gp, cfg.r1_gamma, cfg.r2_gamma, cfg.repa_weight = exact_gp, 0.2, 0.6, 0.5
     dead = lambda m: [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     with torch.no_grad():
         fake = G(torch.randn(4, 64), y)[0]
     loss, logs = gat.d_loss(D, fake, x, y, cfg, s.teacher, images)
     loss.backward()
     assert torch.isfinite(loss) and logs["r1"] > 0 and {"repa_cls", "repa_patch", "r2"} <= set(logs)
+    parts = logs["d_adv"] + 0.1 * logs["r1"] + 0.3 * logs["r2"] + 0.5 * (logs["repa_cls"] + logs["repa_patch"])
+    assert torch.allclose(loss, parts)  # adversarial + gamma / 2 (R1 + R2) + weight * REPA
     assert not dead(D), dead(D)
     D.zero_grad(set_to_none=True)
     D.requires_grad_(False)
@@ -440,8 +469,11 @@ def test_position_tables_train_into_the_ema_or_stay_fixed_in_the_ablation():
     assert torch.equal(G.tokens[0], table) and torch.equal(D.pos[0], table)
     with torch.no_grad():
         G.tokens.add_(1.0)
+        G.w_avg.fill_(1.0)
     gat.update_ema(G_ema, G, 0.9)
-    assert torch.allclose(G_ema.tokens, table + 0.1)  # averaged like any weight
+    assert torch.allclose(G_ema.tokens, table + 0.1) and torch.equal(G_ema.w_avg, G.w_avg)  # buffers copied
+    group = gat.make_optimizer(G, dataclasses.replace(cfg, base_lr=6e-4, beta2=0.9)).param_groups[0]
+    assert group["lr"] == pytest.approx(6e-4 * 768 / 64) and group["betas"] == (0.0, 0.9)  # width-aware, cfg's betas
     G, D, G_ema, _ = gat.build_models(dataclasses.replace(cfg, fixed_pos_embed=True), torch.device("cpu"))
     names = [n for m in (G, D) for n, _ in m.named_parameters()]
     assert "tokens" not in names and "pos" not in names and torch.equal(G.tokens[0], table)
