@@ -838,8 +838,15 @@ def test_collapsed_generator_is_reported_as_collapsed():
             pools = [data["x_held"][data["y_held"] == c] for c in range(10)]
             return torch.stack([pools[c][i % len(pools[c])] for c, i in zip(y.tolist(), pick)])
     s = judge.evaluate(RealDigits(), final=True)
-    assert s["spread"] > 0.8 and not s["collapsed"] and s["agreement"] > 0.9
+    assert 0.8 < s["spread"] < 1.25 and not s["collapsed"] and s["agreement"] > 0.9  # held-out digits: ~1 x real
     assert s["fd_pixel"] < s["fd_pixel_class_means"] / 3
+    # the figures from their definitions: pixels on the digits' 0..16 scale; real = the GAN's split vs held-out; the
+    # collapsed G = each held-out class mean (taken in [-1, 1]) repeated over the split
+    assert fid.DigitsJudge.pixels(torch.tensor([[-1.0, 0.0, 1.0]])).tolist() == [[0.0, 8.0, 16.0]]
+    assert s["fd_pixel_real_floor"] == pytest.approx(judge.fd(judge.pixels(data["x"]), judge.held))
+    means = torch.stack([data["x_held"][data["y_held"] == c].mean(0) for c in range(10)])
+    collapsed = judge.features(means[torch.arange(len(data["x"])) % 10])
+    assert s["fd_feature_class_means"] == pytest.approx(judge.fd(collapsed, judge.held_feat), rel=1e-3)
     assert s["precision"] == 1.0 and s["recall"] > 0.5  # each sample is a held-out digit: inside their manifold
 
 def test_training_step_never_waits_on_the_host_and_compile_sees_single_graphs_with_static_shapes(monkeypatch):
@@ -1374,6 +1381,9 @@ def test_prep_output_format(_prep_reference, _prep_tree, vae_dir):
     # A small portrait image is upscaled (20x31 -> 64x99, round(99.2)) and cropped to rows (99 - 64) // 2 = 17..81.
     small = _prep_handmade(20, 31)
     assert np.array_equal(prep_latents.center_crop(small, 64), np.asarray(small.resize((64, 99), Image.BICUBIC))[17:81])
+    # a short side of exactly 2 x size is BOX-halved (ADM's >=), after which no BICUBIC step is left
+    square = _prep_handmade(64, 64)
+    assert np.array_equal(prep_latents.center_crop(square, 32), np.asarray(square.resize((32, 32), Image.BOX)))
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")  # diffusers' own call
 def test_prep_output_trains_with_repa_workers_and_its_vae_and_a_missing_vae_fails_at_start(_prep_reference, vae_dir,
@@ -1432,8 +1442,12 @@ def test_prep_resumes_after_a_kill_and_redoes_a_shard_never_written(_prep_refere
     prep_latents.main(args)
     assert sorted(loaded) == sorted(str(_prep_tree / f) for f in _PREP_FILES[8:])  # finished shards not redone
     _prep_assert_same(out, _prep_reference)
-    # a shard marked done whose data never reached the file (say, a machine crash) is caught and redone
-    np.lib.format.open_memmap(out / "moments.npy", mode="r+")[5] = 0
+    # a shard marked done whose data never reached the file (say, a machine crash) is caught and redone; a slot's
+    # means may be <= 0, only its std half tells (a rerun of the complete folder accepts a slot with negative means)
+    moments = np.lib.format.open_memmap(out / "moments.npy", mode="r+")
+    moments[5, :4] = -np.abs(moments[5, :4])
+    prep_latents.main(args)
+    moments[5] = 0
     assert "never written" in refused(capsys, prep_latents, *args)
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     assert not (out / "progress/000001.json").exists() and (out / "progress/000000.json").exists()
@@ -1489,8 +1503,9 @@ def _sample_expected(G, z, y, truncation=0.0, guidance=1.0):
     return sample.to_uint8(G.generate(z, y, truncation, guidance)).numpy()
 
 def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp_path):
-    # 10 images in batches of 4: the ranks get 4 and 6 images, one a partial batch; 1 image: rank 0 gets none
-    for n, extra in ((1, ["--no-png"]), (10, [])):
+    # 10 images in batches of 4: the ranks get 4 and 6 images, one a partial batch; 1 image: rank 0 gets none.
+    # Balanced classes go by the global index: rank 1's first image (4) is class 4
+    for n, extra in ((1, ["--no-png"]), (10, ["--classes", "balanced"])):
         args = ["--ckpt", _sample_pixel_ckpt, "--num-images", n, "--batch-size", 4, "--seed", 3, *extra]
         x, y = _sample_run(*args, "--out", tmp_path / f"one_{n}")
         proc = python("sample.py", *args, "--out", tmp_path / f"two_{n}", torchrun="--standalone", timeout=120)
@@ -1500,7 +1515,7 @@ def test_sample_one_and_two_processes_write_the_same_npz(_sample_pixel_ckpt, tmp
     assert x.dtype == np.uint8 and x.shape == (10, 8, 8, 3)  # the 10 of the last round
     assert (x[..., 0] == x[..., 1]).all() and (x[..., 0] == x[..., 2]).all()  # grayscale in three channels
     assert x.max() - x.min() > 100 and len({im.tobytes() for im in x}) == 10
-    assert y.dtype == np.int64 and y.shape == (10,) and ((0 <= y) & (y < 10)).all()
+    assert y.dtype == np.int64 and y.tolist() == list(range(10))
     assert (fid._npz_array(str(one)) == x).all()  # fid.py memory-maps it as it does ADM's batches
     for d in ("one_10", "two_10"):
         pngs = sorted(os.listdir(tmp_path / d / "images"))
@@ -1515,6 +1530,10 @@ def test_sample_images_come_from_seed_and_index_and_truncate_to_class_means(_sam
                                            "--seed", 5, "--no-png", "--out", tmp_path / name, *extra)
     x, y = npz("random")
     assert (y == y_random.numpy()).all() and len(set(y.tolist())) > 3
+    assert not torch.equal(sample.latent_codes(6, [0], G.z_dim, 10)[0], z[1:2])  # (seed, i) pairs: not seed + i
+    # ADM's quantisation: (x + 1) * 127.5, clamped, truncated (0 -> 127, not 128)
+    assert sample.to_uint8(torch.tensor([-2, -1, 0, 0.999, 1, 2]).view(1, 1, 1, 6))[0, 0, :, 0].tolist() == [
+        0, 0, 127, 254, 255, 255]
     assert (x == _sample_expected(G, z, y_random)).all()  # truncation 0 = the untruncated G
     x_bal, y_bal = npz("balanced", "--classes", "balanced")
     assert (y_bal == np.arange(12) % 10).all() and (x_bal == _sample_expected(G, z, torch.arange(12) % 10)).all()
@@ -1646,7 +1665,7 @@ def test_sample_latent_and_the_authors_checkpoints_decode_with_a_vae_given_by_pa
             "ema": authors_layout(G), "optG": no_state, "optD": no_state, "steps": 40,
             "args": argparse.Namespace(model="GAT-tiny/2", vae="mse", num_classes=10, resolution=64)}
     for name, obj in (("full", full), ("model", {"model": authors_layout(G)}), ("bare", authors_layout(G)),
-                      ("ddp", {"ema": {"module." + k: v for k, v in authors_layout(G).items()}})):
+                      ("ddp", {"ema": {"module._orig_mod." + k: v for k, v in authors_layout(G).items()}})):
         torch.save(obj, tmp_path / f"{name}.pt")
         loaded, cfg = sample.load_generator(str(tmp_path / f"{name}.pt"))
         assert (cfg.size, cfg.patch, cfg.num_classes, cfg.channels, cfg.input_size, cfg.num_levels, cfg.data_kind) == (
@@ -1854,6 +1873,11 @@ def test_fid_frechet_distance_closed_forms_sqrt_rank_deficiency_stats_inception_
     assert fid.inception_score(sorted_logits) == pytest.approx(5.0, rel=1e-6)
     shuffled = sorted_logits[np.random.default_rng(0).permutation(10000)]
     assert fid.inception_score(shuffled) > 9.5
+    # against the definition, per-sample KLs unequal and a partial last split: mean over splits of exp(E_x KL)
+    logits = np.random.default_rng(5).normal(size=(250, 20)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    kls = [(q * np.log(q / q.mean(0))).sum(1) for q in np.split(p, [100, 200])]
+    assert fid.inception_score(logits, split_size=100) == pytest.approx(np.mean([np.exp(k.mean()) for k in kls]))
     # precision and recall
     rng = np.random.default_rng(3)
     real = rng.normal(size=(300, 16)) * 3
@@ -1937,12 +1961,12 @@ def test_fid_cli_stats_images_with_a_reference_batch_and_small_samples(tmp_path,
     with pytest.raises(SystemExit):  # --help states the FID-5K vs FID-50K caveat
         _fid_run_cli(capsys, "--help")
     assert "not comparable" in capsys.readouterr().out
-    # samples and reference share 4 images; their stored stats give FID, the images give IS and P/R
+    # samples and reference share 4 images (ref adds a black one); their stored stats give FID, the images IS and P/R
     images = _fid_images(4, seed=7)
     rng = np.random.default_rng(7)
     stats = {"mu": rng.normal(size=16), "sigma": np.eye(16), "mu_s": np.zeros(8), "sigma_s": np.eye(8)}
-    np.savez(tmp_path / "samples.npz", arr_0=images, mu=stats["mu"], sigma=stats["sigma"])
-    np.savez(tmp_path / "ref.npz", arr_0=images, **{**stats, "mu": stats["mu"] + 1})
+    np.savez(tmp_path / "samples.npz", arr_0=images, **stats)
+    np.savez(tmp_path / "ref.npz", arr_0=np.concatenate([images, 0 * images[:1]]), mu=stats["mu"] + 1, sigma=np.eye(16))
     (tmp_path / "w.pth").write_bytes(b"")  # validate_args checks that the file exists
     result, lines = _fid_run_cli(capsys, tmp_path / "samples.npz", tmp_path / "ref.npz",
                                  "--inception", tmp_path / "w.pth", "--batch-size", 3, "--device", "cpu")
@@ -1950,8 +1974,8 @@ def test_fid_cli_stats_images_with_a_reference_batch_and_small_samples(tmp_path,
     assert result["fid"] == pytest.approx(16.0)
     logits = _FidMeanModel()(torch.from_numpy(images))["logits"]
     assert result["inception_score"] == pytest.approx(fid.inception_score(logits), rel=1e-6)
-    assert (result["precision"], result["recall"]) == (1.0, 1.0)
-    assert result["n_samples"] == 4 and "sfid" not in result  # samples carry no mu_s
+    assert (result["precision"], result["recall"]) == (1.0, 0.8)  # ref's black image: outside the samples' manifold
+    assert result["n_samples"] == 4 and "sfid" not in result  # the reference carries no mu_s
     assert any("not comparable with FID-50K" in line for line in lines)
     # 5 images: computed, with a warning
     images = _fid_images(5, size=16, seed=9)
