@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from diffusers import AutoencoderKL
 from PIL import Image
 
@@ -495,9 +496,10 @@ def assert_same_state(a, b, **tolerance):
         assert torch.allclose(a[k], b[k], **tolerance) if tolerance else torch.equal(a[k], b[k]), k
 
 def test_batch_rows_split_ranks_and_epochs():
-    full = gat.batch_rows(100, 8, 8, 0, 0, 3)
-    halves = np.concatenate([gat.batch_rows(100, 8, 4, r, 0, 3) for r in range(2)])
-    assert np.array_equal(full, halves) and len(set(full)) == 8
+    for step in (3, 12):  # within the first epoch, and the second epoch's first batch (12 batches of 8 in 100 rows)
+        full = gat.batch_rows(100, 8, 8, 0, 0, step)
+        halves = np.concatenate([gat.batch_rows(100, 8, 4, r, 0, step) for r in range(2)])
+        assert np.array_equal(full, halves) and len(set(full)) == 8
     epoch0 = np.concatenate([gat.batch_rows(100, 8, 8, 0, 0, s) for s in range(12)])
     assert len(set(epoch0)) == 96  # no repeats within an epoch (drop-last leaves 4 out)
     assert not np.array_equal(gat.batch_rows(100, 8, 8, 0, 0, 0), gat.batch_rows(100, 8, 8, 0, 0, 12))
@@ -509,7 +511,10 @@ def test_batch_rows_split_ranks_and_epochs():
                          [({}, 6, 3, [2, 3, 4, 6]), ({"grad_accum": 2}, 3, 2, [2, 3])], ids=["plain", "grad_accum"])
 def test_resume_is_bit_exact_and_reseeds_no_gpu_generator(tmp_path, overrides, steps, first_leg, logged, gpu_seeds,
                                                            monkeypatch):
-    gat.train(digits_cfg(tmp_path, "straight", steps=steps, **overrides))
+    with monkeypatch.context() as m:
+        outs, real_step = [], gat.train_step
+        m.setattr(gat, "train_step", lambda *a: outs.append(real_step(*a)) or outs[-1])
+        gat.train(digits_cfg(tmp_path, "straight", steps=steps, **overrides))
     gat.train(digits_cfg(tmp_path, "resumed", steps=first_leg, **overrides))
     assert ckpt_of(tmp_path, "resumed")["step"] == first_leg
     gat.train(digits_cfg(tmp_path, "resumed", steps=steps, **overrides))  # picks up latest.pt of its run automatically
@@ -524,6 +529,8 @@ def test_resume_is_bit_exact_and_reseeds_no_gpu_generator(tmp_path, overrides, s
     assert summary("straight") == summary("resumed")
     lines = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert [line["step"] for line in lines] == logged and all(math.isfinite(line["loss_D"]) for line in lines)
+    assert [line["loss_D"] for line in lines] == pytest.approx(  # each line the mean over its interval's steps
+        [np.mean([out["loss_D"].item() for out in outs[a:b]]) for a, b in zip([0] + logged, logged)], rel=1e-5)
     b["rng"] = b["rng"] * 2  # as if written by two ranks: this run's one cannot continue their streams
     gat.atomic_save(b, str(tmp_path / "two_ranks.pt"))
     gat.train(digits_cfg(tmp_path, "other", steps=steps + 1, resume=str(tmp_path / "two_ranks.pt"), **overrides))
@@ -532,6 +539,11 @@ def test_resume_is_bit_exact_and_reseeds_no_gpu_generator(tmp_path, overrides, s
     for rank in (0, 1):  # what seed_streams does on a GPU: this rank's device alone
         gat.seed_streams(1000 + rank + 1, torch.device("cuda", rank))
     assert gpu_seeds == [("one", 1001), ("one", 1002)]
+    seeds, stub = [], types.SimpleNamespace(load_state_dict=lambda state: None)
+    monkeypatch.setattr(gat, "seed_streams", lambda seed, device: seeds.append(seed))
+    for rank in (0, 1):  # 3 ranks resume the 2 ranks' streams: new ones, each rank its own
+        gat.restore(b, *[stub] * 5, gat.Config(), rank, 3, torch.device("cpu"))
+    assert len(set(seeds)) == 2
 
 def test_resume_on_latents_is_bit_exact_too(tmp_path, _prep_reference):
     """Latent batches come through a DataLoader, whose iterator draws a base seed when it is made: from a generator of
@@ -573,6 +585,9 @@ def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or
     assert ckpt["step"] == 1 and os.path.realpath(path) in open("/proc/self/maps").read()
     torch.save(ckpt, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
     assert_same_state(gat.load_checkpoint(str(tmp_path / "legacy.pt"))["G"], ckpt["G"])
+    torch.save({"G": ckpt["G"]}, tmp_path / "foreign.pt")  # a torch file, not ours
+    with pytest.raises(gat.CheckpointError, match="not a gat.py checkpoint"):
+        gat.load_checkpoint(str(tmp_path / "foreign.pt"))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(gat.CheckpointError, match="damaged"):
         gat.load_checkpoint(str(tmp_path / "bad.pt"))
@@ -597,6 +612,13 @@ def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_n
     assert ckpt_of(tmp_path, "s")["step"] >= 6
     steps = [line.split(" (")[0] for line in out.splitlines() if line.startswith("step ")]
     assert steps[:3] == ["step 2", "step 4", "step 6"] and "it/s" not in out, out
+    with monkeypatch.context() as m:  # the budget in minutes, on a clock that each step moves by 30 s: 3 steps in 1 min
+        clock, real_step = [0.0], gat.train_step
+        m.setattr(gat, "time", types.SimpleNamespace(time=lambda: clock[0]))
+        m.setattr(gat, "train_step", lambda *a: clock.__setitem__(0, clock[0] + 30) or real_step(*a))
+        gat.train(digits_cfg(tmp_path, "budget", steps=100, max_minutes=1.0, log_every=100, ckpt_every=100))
+    line = json.loads((tmp_path / "budget" / "metrics.jsonl").read_text())
+    assert ckpt_of(tmp_path, "budget")["step"] == line["step"] == 3 and line["images_per_s"] == pytest.approx(24 / 90)
     # a non-finite loss stops the run and keeps the last good checkpoint
     calls, real_d_loss = [], gat.d_loss
 
@@ -811,7 +833,8 @@ def test_wandb_offline_logs_and_resumes_its_run_and_training_fid_is_logged_and_s
     cfg = digits_cfg(tmp_path, fid_num=20, fid_ref=str(tmp_path / "ref.npz"))
     cfg.data_kind, cfg.num_classes = "pixel", 10
     cpu, bf16, lazy = torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16), {}
-    assert math.isfinite(gat.training_fid(Recording(), cfg, 0, 1, cpu, lazy, bf16))
+    grey = float(((np.asarray(mu) - 128) ** 2).sum() + np.trace(sigma))  # zeros: 128-grey images, features all 128
+    assert gat.training_fid(Recording(), cfg, 0, 1, cpu, lazy, bf16) == pytest.approx(grey, rel=1e-4)
     assert gat.training_fid(Recording(), cfg, 1, 2, cpu, lazy, bf16) is None
     gat.write_sample_grid(Recording(), cfg, torch.randn(10, 64), torch.arange(10), str(tmp_path / "g.png"), lazy, cpu,
                           bf16)
@@ -1070,11 +1093,16 @@ def test_auto_recompute_takes_ds_blocks_first_and_the_fewest_that_fit(monkeypatc
     for flag, want in (("off", (0, 0)), ("all", (depth, depth)), ("5", (5, 5))):
         cfg.grad_ckpt = flag
         assert choose(1.0 if flag == "off" else 1e15) == want  # as asked, whatever the memory
-    assert [gat.parse_grad_ckpt(v, depth) for v in (True, False, "auto")] == [depth, 0, None]
+    assert [gat.parse_grad_ckpt(v, depth) for v in (True, False, "auto", "0", "12")] == [depth, 0, None, 0, depth]
     for bad in ("13", "-1", "some", "2.5"):
         with pytest.raises(gat.UserError, match="expected auto, off, all or a number of blocks 0..12 per model"):
             gat.parse_grad_ckpt(bad, depth)
     cfg.grad_ckpt = "auto"
+    for local in ("1", "4"):  # a node's processes share MemAvailable; each adds what it holds already
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        budgets = [gat.memory_budget(cpu, held)[0] - held for held in (0, 2**40)]
+        assert budgets[1] == pytest.approx(budgets[0], rel=0.05) and (local == "1" or budgets[0] < one / 3)
+        one = budgets[0]
     held = []  # the budget adds what the process holds: the runtime and the models it has built (weights, EMA, teacher)
     monkeypatch.setattr(gat, "memory_budget", lambda device, h: held.append(h) or ((peak((3, 0)) + peak((2, 0))) / 2, ""))
     line, est = gat.setup_recompute(cfg, G, D, gat.TEACHER_SHAPE, cpu, 8, outside)  # 8 ranks: 64 rows each
@@ -1140,10 +1168,18 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
             assert flags() == (want, want), precision
             assert r["ms_per_iteration"] > 0 and 0 < r["mfu"] < 1.5 and r["sample_G_images_per_s"] > 0
             assert r["loader_images_per_s"] > 0 and r["host_syncs_per_step"] is None  # counted on CUDA only
+        with monkeypatch.context() as m:  # timed() itself, on a clock that each call of fn moves by 0.5 s
+            clock = [0.0]
+            m.setattr(gat.time, "perf_counter", lambda: clock[0])
+            assert gat.timed(lambda: clock.__setitem__(0, clock[0] + 0.5), torch.device("cpu"), 4) == 0.5
         monkeypatch.setattr(gat, "timed", lambda fn, device, iters: [fn() for _ in range(iters)] and 0.25)
-        r = gat.benchmark(gat.Config(size="tiny", batch_size=2, repa_weight=0.0, device="cpu", num_workers=0,
-                                     data=str(_prep_reference)), warmup=1, iters=1)
+        cfg = gat.Config(size="tiny", batch_size=2, repa_weight=0.0, device="cpu", num_workers=0,
+                         data=str(_prep_reference))
+        r = gat.benchmark(cfg, warmup=1, iters=1)
         assert r["ms_per_iteration"] == 250 and r["images_per_s"] == r["sample_G_images_per_s"] == 8
+        # the batch's FLOPs in 0.25 s against the CPU peak timed by the same clock: 2 n^3 FLOPs at its n = 2048
+        assert r["gflops_per_iteration"] == pytest.approx(2 * gat.model_flops(cfg)["per_iteration"] / 1e9)
+        assert r["achieved_tflops"] * 250 == pytest.approx(r["gflops_per_iteration"]) == r["mfu"] * 2 * 2048 ** 3 / 1e9
         assert r["loader_images_per_s"] == 8  # a batch of 2 per 0.25 s
         with pytest.raises(gat.UserError, match="--batch-size 1000 exceeds the"):  # before the first step, not after
             gat.benchmark(gat.Config(size="tiny", batch_size=1000, device="cpu", data=str(_prep_reference)))
@@ -1162,6 +1198,13 @@ def test_precision_fp32_is_ieee_fp32_tf32_only_with_bf16_and_the_benchmark_repor
     flops = gat.model_flops(gat.Config(size="XL", channels=4, input_size=32))
     # the paper's "119 GFLOPs" for GAT-XL/2's G count multiply-adds (as DiT does); we count 2 FLOPs per MAC
     assert flops["G"] / 2e9 == pytest.approx(119, rel=0.02)
+    # one sample's forward of G and of D as torch counts their matmuls (math attention: its two are counted too)
+    cfg, y = gat.Config(size="S", channels=4, input_size=32), torch.tensor([3])
+    G, D = gat.Generator("S", 2, 1000, 4, 32), gat.Discriminator("S", 2, 1000, 4, 32, repa_dim=0)
+    for model, args, part in ((G, (torch.randn(1, 64), y), "G"), (D, (torch.randn(1, 16, 32, 32), y), "D")):
+        with FlopCounterMode(display=False) as counted, sdpa_kernel(SDPBackend.MATH):
+            model(*args)
+        assert counted.get_total_flops() == gat.model_flops(cfg)[part], part
 
 def test_two_nodes_resume_is_decided_by_rank_0_and_a_node_blind_to_it_fails_clearly(tmp_path):
     """Node-local results folders: rank 0 decides the resume and a node that cannot see it fails clearly."""
