@@ -1248,13 +1248,14 @@ def train(cfg):
             continue
         metrics, stop = sync_interval(run, sums, n_sum, time.time() - t_last, stop)
         log_interval(run, metrics | {"minutes": (time.time() - t_start) / 60}, bar)
-        sums, n_sum, t_last = {}, 0, time.time()
+        sums, n_sum = {}, 0
         if stop:
             stop_reason = f"signal {STOP['signal']}" if STOP["signal"] else f"time limit {cfg.max_minutes} min"
         if stop or due(cfg.ckpt_every) or due(cfg.snapshot_every) or run.step == cfg.steps:
             save_checkpoint(run, snapshot=due(cfg.snapshot_every))
         if stop:
             break
+        t_last = time.time()  # the next interval's images/s counts training: not these grids, FIDs or checkpoints
     bar.close()
     finish_run(run, stop_reason, (time.time() - t_start) / 60)
     return run.models.G_ema, run.step

@@ -573,6 +573,8 @@ def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or
     assert ckpt_of(tmp_path, "old")["step"] == 3
     with pytest.raises(gat.CheckpointError, match="patch: checkpoint 2 vs requested 1"):
         gat.train(digits_cfg(tmp_path, "old", steps=4, fixed_pos_embed=True, patch=1))
+    with pytest.raises(gat.CheckpointError, match="latent_shift: checkpoint 0.0 vs requested 0.1159"):  # another VAE
+        gat.check_compatible(dataclasses.asdict(gat.Config()), gat.Config(latent_shift=0.1159), "x.pt")
     path = str(tmp_path / "latest.pt")
     gat.atomic_save({"format": gat.CKPT_FORMAT, "step": 1, "G": {"w": torch.randn(1000)}}, path)
 
@@ -592,7 +594,8 @@ def test_checkpoints_old_tables_other_sizes_atomic_saves_memory_mapped_legacy_or
     with pytest.raises(gat.CheckpointError, match="damaged"):
         gat.load_checkpoint(str(tmp_path / "bad.pt"))
 
-def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_nan_stops_the_run(tmp_path, monkeypatch):
+def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_nan_stops_the_run(tmp_path, monkeypatch,
+                                                                                                capsys):
     cfg = gat.Config(steps=100_000, max_minutes=9.0)
     bar = gat.progress_bar(cfg, 0, master=True, terminal=True)
     assert bar.total == 540 and not bar.disable  # seconds of the budget, not 100,000 steps
@@ -626,9 +629,10 @@ def test_time_budget_bar_plain_log_lines_sigterm_saves_and_exits_cleanly_and_a_n
         calls.append(1)
         loss, logs = real_d_loss(*args, **kw)
         return (loss * float("nan") if len(calls) >= 5 else loss), logs
-    monkeypatch.setattr(gat, "d_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="non-finite .* last good checkpoint"):
-        gat.train(digits_cfg(tmp_path, steps=20, ckpt_every=2, log_every=2))
+    monkeypatch.setattr(gat, "d_loss", poisoned)  # exit 3, not 1: the settings were fine, the run diverged
+    err = refused(capsys, gat, "--data", "digits", "--results", tmp_path, "--name", "r", "--batch-size", 8, "--steps", 20,
+                  "--max-minutes", 0, "--sample-every", 0, "--log-every", 2, "--ckpt-every", 2, codes=(3,))
+    assert re.search(r"^error: non-finite .* last good checkpoint .*$", err, re.M), err
     ckpt = ckpt_of(tmp_path)
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["G"].values())
 
