@@ -733,8 +733,10 @@ if world > 1:
         except ValueError as e:
             if rank == 0:
                 print("BATCH_ERROR", e, flush=True)
-    tcfg.batch_size = 8
+    tcfg.batch_size, steps, train_step = 8, [], gat.train_step  # each rank's step logs, for the logged means
+    gat.train_step = lambda *args: steps.append(train_step(*args)) or steps[-1]
     gat.train(tcfg)
+    torch.save([{k: v.item() for k, v in logs.items()} for logs in steps], f"{out}.rank{rank}")
     if rank == 0:
         print("TRAIN_OK")
 if world > 1 and dist.is_initialized():  # as gat.finish_run: a rank that tears down while another is
@@ -790,6 +792,10 @@ def test_ddp_two_nodes_by_c10d_rendezvous_match_one_process_and_compiled_ranks_s
     assert "BATCH_ERROR --batch-size 9 (global) must divide by the number of processes 2;" in out
     assert "BATCH_ERROR --batch-size 6 (global) must divide by the number of processes 2 x --grad-accum 2 = 4" in out
     assert "TRAIN_OK" in out and ckpt_of(tmp_path, "ddp")["step"] == 2
+    ranks = [torch.load(f"{tmp_path / 'two.pt'}.rank{r}") for r in (0, 1)]
+    lines = [json.loads(line) for line in open(tmp_path / "ddp" / "metrics.jsonl")]
+    assert len(lines) == 2 and all(line["loss_D"] == pytest.approx((a["loss_D"] + b["loss_D"]) / 2, rel=1e-5)
+                                   for line, a, b in zip(lines, *ranks))  # logged: the mean over the ranks
     assert len(ckpt_of(tmp_path, "ddp")["rng"]) == 2  # every rank's random state is saved
     assert "TABLES_SAME" in out  # trained position tables: gradients all-reduced like any parameter
     assert "COMPILED_DDP_OK" in out
